@@ -1,0 +1,1 @@
+"""Adapters for frozen binary neural networks, as a reproducible pipeline."""

@@ -1,0 +1,112 @@
+"""`pipeline <command>`: the one entry point for dvc.yaml and for people.
+
+User mistakes (UserError) print one line and exit 2; environment failures exit 1.
+Heavy imports happen inside commands so `pipeline --help` and bad arguments answer fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, no usage dump
+        self.exit(2, f"error: {self.prog}: {message}\n")
+
+
+def _params(args):
+    from pipeline.config import load_params
+
+    return load_params(args.params)
+
+
+def cmd_prepare(args) -> None:
+    from pipeline.stages import prepare
+
+    prepare.run(_params(args), args.dataset)
+
+
+def cmd_pretrain(args) -> None:
+    from pipeline.stages import pretrain
+
+    pretrain.run(_params(args), args.precision)
+
+
+def cmd_memory(args) -> None:
+    from pipeline.nn.backbones import BACKBONES, Arch, build_backbone
+    from pipeline.nn.memory import memory_report
+    from pipeline.errors import UserError
+
+    if args.model not in BACKBONES:
+        raise UserError(f"memory: unknown model '{args.model}'; allowed: {', '.join(BACKBONES)}")
+    for key in ("num_classes", "input_size", "in_channels"):
+        if getattr(args, key) < 1:
+            raise UserError(f"memory: --{key.replace('_', '-')} must be >= 1")
+    if args.width is not None and args.width < 1:
+        raise UserError("memory: --width must be >= 1")
+    net = build_backbone(Arch(args.model, args.precision, args.num_classes, args.in_channels, args.input_size, args.width))
+    report = memory_report(net)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(f"{args.model} ({args.precision}), {args.num_classes} classes, input {args.in_channels}x{args.input_size}x{args.input_size}")
+        print(report.table())
+        print(f"total: {report.params:,} parameters, {report.bits:,} bits = {report.bytes:,.0f} bytes = {report.bytes / 1024:.2f} KiB")
+
+
+def cmd_export(args) -> None:
+    from pipeline.nn.checkpoint import load_base, sha256
+    from pipeline.nn.export import export_packed
+
+    net = load_base(Path(args.model))
+    out = Path(args.out) if args.out else Path(args.model).with_suffix(".bnnpack")
+    sizes = export_packed(net, out, {"arch": net.arch.to_dict(), "base_sha256": sha256(Path(args.model))})
+    ratio = sizes["payload_bytes"] / sizes["accounted_bytes"]
+    print(f"wrote {out}: {sizes['file_bytes']:,} bytes = payload {sizes['payload_bytes']:,} + header "
+          f"{sizes['header_bytes']:,}; accounting says {sizes['accounted_bytes']:,.1f} bytes (payload/accounting {ratio:.4f})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pipeline", description="Adapters for frozen binary neural networks.")
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("prepare", help="prepare one dataset from params data.datasets")
+    p.add_argument("dataset")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("pretrain", help="pretrain the base on the source task")
+    p.add_argument("--precision", choices=["binary", "fp32"], default="binary")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("memory", help="per-layer memory of a backbone (the one accounting function)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--input-size", type=int, default=28)
+    p.add_argument("--in-channels", type=int, default=1)
+    p.add_argument("--width", type=int, default=None, help="base width (default: the model's own)")
+    p.add_argument("--precision", choices=["binary", "fp32"], default="binary")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_memory)
+
+    p = sub.add_parser("export", help="write a trained base bit-packed (1 bit per binary weight)")
+    p.add_argument("--model", default="models/base/binary/model.pt")
+    p.add_argument("--out", default=None)
+    p.set_defaults(func=cmd_export)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    from pipeline.errors import EnvironmentFailure, UserError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (UserError, EnvironmentFailure) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0

@@ -1,0 +1,161 @@
+"""The one memory function. Rule (DESIGN.md, after Larq's `larq.models.summary`):
+
+- binary weights: 1 bit each; float tensors: 32 bits; k-bit quantised weights: k bits each
+  plus one float32 scale per tensor;
+- BatchNorm: 2 values per channel at 32 bits (scale and shift once fused);
+- a pruned tensor: its non-zeros times their bits plus the cheaper of a 1-bit mask or explicit
+  indices (ceil(log2(numel)) bits each).
+
+`storage_plan` lists every stored tensor with its encoding; `memory_report` sums it and
+`pipeline.nn.export` writes the very same plan to disk, so file sizes check the accounting.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from pipeline.nn.binary import QuantConv2d
+
+
+@dataclass
+class TensorEntry:
+    name: str          # state-dict style name ("features.2.conv.weight", "features.1" for a BN)
+    layer: str         # module name the tensor belongs to
+    encoding: str      # "sign" | "float32" | "bn_fused" | "int{k}" | "sparse"
+    numel: int         # values stored before pruning
+    bits: int          # exact bits this entry needs
+    value_bits: int    # bits per stored value (1, k or 32)
+    nnz: Optional[int] = None  # for pruned tensors
+
+
+@dataclass
+class LayerMemory:
+    layer: str
+    kind: str
+    params: int
+    bits: int
+
+    @property
+    def bits_per_param(self) -> float:
+        return self.bits / self.params if self.params else 0.0
+
+    @property
+    def kib(self) -> float:
+        return self.bits / 8 / 1024
+
+
+@dataclass
+class MemoryReport:
+    layers: list[LayerMemory] = field(default_factory=list)
+
+    @property
+    def params(self) -> int:
+        return sum(layer.params for layer in self.layers)
+
+    @property
+    def bits(self) -> int:
+        return sum(layer.bits for layer in self.layers)
+
+    @property
+    def bytes(self) -> float:
+        return self.bits / 8
+
+    def to_dict(self) -> dict:
+        return {
+            "params": self.params,
+            "bits": self.bits,
+            "bytes": self.bytes,
+            "layers": [
+                {**asdict(layer), "bits_per_param": layer.bits_per_param, "kib": layer.kib}
+                for layer in self.layers
+            ],
+        }
+
+    def table(self) -> str:
+        rows = [(l.layer, l.kind, f"{l.params:,}", f"{l.bits_per_param:.2f}", f"{l.kib:.2f}") for l in self.layers]
+        rows.append(("total", "", f"{self.params:,}", f"{self.bits / max(self.params, 1):.2f}", f"{self.bits / 8192:.2f}"))
+        head = ("layer", "kind", "params", "bits/param", "memory KiB")
+        widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(5)]
+        fmt = lambda r: "  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        lines = [fmt(head), "  ".join("-" * w for w in widths)]
+        lines += [fmt(r) for r in rows[:-1]] + ["  ".join("-" * w for w in widths), fmt(rows[-1])]
+        return "\n".join(lines)
+
+
+def index_bits(numel: int) -> int:
+    return max(1, math.ceil(math.log2(numel))) if numel > 1 else 1
+
+
+def sparse_bits(numel: int, nnz: int, value_bits: int) -> int:
+    """Non-zeros times their bits plus the cheaper of a 1-bit mask or explicit indices."""
+    return nnz * value_bits + min(numel, nnz * index_bits(numel))
+
+
+def weight_bits(module: nn.Module) -> int:
+    """Bits per stored weight of a conv/dense layer: read from its quantizer, as Larq does."""
+    if isinstance(module, QuantConv2d):
+        return module.weight_bits
+    return int(getattr(module, "weight_bits", 32))
+
+
+def _weight_entry(name: str, layer: str, module: nn.Module, w: torch.Tensor) -> TensorEntry:
+    bits = weight_bits(module)
+    numel = w.numel()
+    if getattr(module, "pruned", False):
+        nnz = int(torch.count_nonzero(w))
+        extra = 32 if 1 < bits < 32 else 0  # the scale of a k-bit tensor
+        return TensorEntry(name, layer, "sparse", numel, sparse_bits(numel, nnz, bits) + extra, bits, nnz)
+    if bits == 1:
+        return TensorEntry(name, layer, "sign", numel, numel, 1)
+    if bits == 32:
+        return TensorEntry(name, layer, "float32", numel, 32 * numel, 32)
+    return TensorEntry(name, layer, f"int{bits}", numel, bits * numel + 32, bits)
+
+
+def storage_plan(model: nn.Module, include: Optional[Callable[[str, nn.Module], bool]] = None) -> list[TensorEntry]:
+    """Every tensor needed at inference, with its encoding and exact bit count.
+
+    `include(name, module)` picks modules (e.g. only the task-specific ones); default: all.
+    """
+    entries: list[TensorEntry] = []
+    for name, m in model.named_modules():
+        if include is not None and not include(name, m):
+            continue
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            entries.append(TensorEntry(name, name, "bn_fused", 2 * m.num_features, 64 * m.num_features, 32))
+            continue
+        for pname, p in m.named_parameters(recurse=False):
+            full = f"{name}.{pname}" if name else pname
+            if pname == "weight" and isinstance(m, (nn.Conv2d, nn.Linear)):
+                entries.append(_weight_entry(full, name, m, p.detach()))
+            else:
+                entries.append(TensorEntry(full, name, "float32", p.numel(), 32 * p.numel(), 32))
+    return entries
+
+
+def _kind(module: nn.Module) -> str:
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return "BatchNorm"
+    if isinstance(module, nn.Conv2d):
+        k = "x".join(map(str, module.kernel_size))
+        g = f"/g{module.groups}" if module.groups > 1 else ""
+        return f"Conv{k}{g} {weight_bits(module)}-bit"
+    if isinstance(module, nn.Linear):
+        return f"Dense {weight_bits(module)}-bit"
+    return type(module).__name__
+
+
+def memory_report(model: nn.Module, include: Optional[Callable[[str, nn.Module], bool]] = None) -> MemoryReport:
+    """Per-layer parameters and bits of `model` (or of the modules `include` picks)."""
+    modules = dict(model.named_modules())
+    by_layer: dict[str, LayerMemory] = {}
+    for e in storage_plan(model, include):
+        row = by_layer.setdefault(e.layer, LayerMemory(e.layer or "(root)", _kind(modules[e.layer]), 0, 0))
+        row.params += e.numel
+        row.bits += e.bits
+    return MemoryReport(list(by_layer.values()))

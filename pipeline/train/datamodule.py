@@ -1,0 +1,40 @@
+"""The one LightningDataModule: prepared tensors (checked against their manifest) in memory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from pipeline.data.prepare import load_prepared
+
+
+class PreparedData(L.LightningDataModule):
+    def __init__(self, folder: Path, batch_size: int, num_workers: int = 0, seed: int = 0):
+        super().__init__()
+        self.folder = Path(folder)
+        self.manifest, self.splits = load_prepared(self.folder)
+        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.manifest["num_classes"])
+
+    def dataset(self, split: str) -> TensorDataset:
+        return TensorDataset(*self.splits[split])
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        gen = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(self.dataset(split), batch_size=self.batch_size, shuffle=shuffle, generator=gen,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", False)

@@ -1,0 +1,66 @@
+"""The one LightningModule: any network, cross-entropy, accuracy, optimiser and schedule from
+params, latent-weight clipping for binary layers. Frozen parts are the network's business
+(parameters with requires_grad=False are simply not optimised)."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+from pipeline.config import Optim
+from pipeline.nn.binary import clip_latent_weights
+
+
+class Classifier(L.LightningModule):
+    def __init__(self, net: nn.Module, optim: Optim, num_classes: int):
+        super().__init__()
+        self.net = net
+        self.optim = optim
+        self.accuracy = nn.ModuleDict(
+            {split: MulticlassAccuracy(num_classes, average="micro") for split in ("train_", "val_", "test_")}
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def _step(self, batch, split: str) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits, y)
+        acc = self.accuracy[split + "_"]
+        acc.update(logits.detach(), y)
+        self.log(f"{split}_loss", loss.detach(), on_step=False, on_epoch=True, batch_size=len(y))
+        self.log(f"{split}_acc", acc, on_step=False, on_epoch=True, batch_size=len(y), prog_bar=split == "val")
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._step(batch, "test")
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        clip_latent_weights(self.net)  # after the optimiser step
+
+    def configure_optimizers(self):
+        o = self.optim
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        if o.optimizer == "sgd":
+            opt = torch.optim.SGD(params, lr=o.lr, momentum=0.9, weight_decay=o.weight_decay)
+        elif o.optimizer == "adamw":
+            opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+        else:
+            opt = torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+        if o.scheduler == "none":
+            return opt
+        if o.scheduler == "step":
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=o.step_size, gamma=o.gamma)
+        else:
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.trainer.max_epochs))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}

@@ -1,0 +1,51 @@
+"""The one place that decides where MLflow writes and which flat keys every run carries."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Params, project_root
+
+
+def main_root(root: Path | None = None) -> Path:
+    """The project root; for `dvc exp run --temp`/`--queue` (a copy under .dvc/tmp/exps) the
+    original project, so queued experiments land in the project's own MLflow store."""
+    root = (root or project_root()).resolve()
+    parts = root.parts
+    for i in range(len(parts) - 3):
+        if parts[i: i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return root
+
+
+def tracking_uri(params: Params) -> str:
+    if params.tracking.uri:
+        return params.tracking.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{main_root() / 'mlflow.db'}"
+
+
+def artifact_location(params: Params) -> str | None:
+    """With the default local store, artifacts go next to it (not into the cwd, which is a temp
+    copy under `dvc exp run --temp`); a tracking server decides for itself."""
+    if tracking_uri(params).startswith("sqlite:///") and not params.tracking.uri:
+        return (main_root() / "mlartifacts").as_uri()
+    return None
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_tags(stage: str, **extra: Any) -> dict[str, str]:
+    tags = {"stage": stage, "git_commit": git_commit()}
+    tags.update({k: str(v) for k, v in extra.items() if v is not None})
+    return tags

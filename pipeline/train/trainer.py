@@ -1,0 +1,124 @@
+"""The one trainer factory: MLflow logger, checkpoints (last and best-val), timing, seeds."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import MLFlowLogger
+
+from pipeline.config import Params
+from pipeline.train.tracking import artifact_location, tracking_uri
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    train_seconds: float      # this epoch, training only (no validation)
+    elapsed_train_s: float    # cumulative training seconds at the end of this epoch
+    val_acc: Optional[float] = None
+
+
+class TimingCallback(Callback):
+    """Training seconds per epoch, excluding validation, and val accuracy after each epoch."""
+
+    def __init__(self):
+        self.history: list[EpochRecord] = []
+        self._t0: Optional[float] = None
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self._t0 = time.perf_counter()
+
+    def _close(self, trainer) -> None:
+        if self._t0 is None:
+            return
+        seconds = time.perf_counter() - self._t0
+        self._t0 = None
+        elapsed = (self.history[-1].elapsed_train_s if self.history else 0.0) + seconds
+        self.history.append(EpochRecord(trainer.current_epoch, seconds, elapsed))
+
+    def on_validation_start(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self._close(trainer)
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking and self.history and "val_acc" in trainer.callback_metrics:
+            self.history[-1].val_acc = float(trainer.callback_metrics["val_acc"])
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._close(trainer)
+
+    @property
+    def train_time_s(self) -> float:
+        return sum(r.train_seconds for r in self.history)
+
+    @property
+    def epoch_time_s(self) -> float:
+        return statistics.median(r.train_seconds for r in self.history) if self.history else 0.0
+
+    def time_to_fraction(self, fraction: float = 0.95) -> Optional[float]:
+        """Training seconds until val accuracy first reaches `fraction` of its final value."""
+        accs = [r for r in self.history if r.val_acc is not None]
+        if not accs:
+            return None
+        goal = fraction * accs[-1].val_acc
+        return next(r.elapsed_train_s for r in accs if r.val_acc >= goal)
+
+
+@dataclass
+class Run:
+    trainer: L.Trainer
+    logger: MLFlowLogger
+    timing: TimingCallback
+    checkpoint: Optional[ModelCheckpoint] = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def seed_everything(seed: int, params: Params) -> None:
+    L.seed_everything(seed, workers=True, verbose=False)
+    if params.trainer.threads:
+        torch.set_num_threads(params.trainer.threads)
+
+
+def make_trainer(params: Params, *, run_name: str, tags: dict[str, str], epochs: int,
+                 ckpt_dir: Optional[Path] = None, callbacks: Optional[list[Callback]] = None) -> Run:
+    t = params.trainer
+    logger = MLFlowLogger(
+        experiment_name=params.tracking.experiment,
+        run_name=run_name,
+        tracking_uri=tracking_uri(params),  # explicit: Lightning's own default is a deprecated file store
+        tags=tags,
+        artifact_location=artifact_location(params),
+    )
+    timing = TimingCallback()
+    cbs: list[Callback] = [timing, *(callbacks or [])]
+    ckpt = None
+    if ckpt_dir is not None:
+        ckpt = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_acc", mode="max",
+                               save_last=True, enable_version_counter=False)
+        cbs.append(ckpt)
+    if t.progress_bar:
+        cbs.append(TQDMProgressBar(refresh_rate=10))
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=t.strategy,
+        precision=t.precision,
+        deterministic=t.deterministic,
+        logger=logger,
+        callbacks=cbs,
+        enable_checkpointing=ckpt is not None,
+        enable_progress_bar=t.progress_bar,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        default_root_dir=str(ckpt_dir) if ckpt_dir else None,
+    )
+    return Run(trainer, logger, timing, ckpt)
