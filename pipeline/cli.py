@@ -36,6 +36,30 @@ def cmd_pretrain(args) -> None:
     pretrain.run(_params(args), args.precision)
 
 
+def cmd_transfer(args) -> None:
+    from pipeline.stages import transfer
+
+    transfer.run(_params(args), args.target, args.method, args.precision)
+
+
+def cmd_evaluate(args) -> None:
+    from pipeline.stages import evaluate
+
+    evaluate.run_evaluate(_params(args), args.target, Path(args.adapter), args.split)
+
+
+def cmd_bank(args) -> None:
+    from pipeline.stages import evaluate
+
+    evaluate.run_bank(_params(args), args.targets, args.method)
+
+
+def cmd_results(args) -> None:
+    from pipeline.stages import results
+
+    results.run(_params(args))
+
+
 def cmd_memory(args) -> None:
     from pipeline.nn.backbones import BACKBONES, Arch, build_backbone
     from pipeline.nn.memory import memory_report
@@ -82,6 +106,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="pretrain the base on the source task")
     p.add_argument("--precision", choices=["binary", "fp32"], default="binary")
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("transfer", help="transfer the base to a target with one method")
+    p.add_argument("--target", required=True)
+    p.add_argument("--method", required=True, choices=["full", "head", "serial", "parallel"])
+    p.add_argument("--precision", choices=["binary", "fp32"], default="binary", help="base precision (full only)")
+    p.set_defaults(func=cmd_transfer)
+
+    p = sub.add_parser("evaluate", help="load base + adapter file and evaluate it on a target")
+    p.add_argument("--target", required=True)
+    p.add_argument("--adapter", required=True, help="adapter .safetensors (its .json must sit beside it)")
+    p.add_argument("--split", choices=["val", "test"], default="test")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("bank", help="one base, several targets: swap adapters in one process")
+    p.add_argument("--targets", nargs="+", required=True)
+    p.add_argument("--method", choices=["head", "serial", "parallel"], default="serial")
+    p.set_defaults(func=cmd_bank)
+
+    p = sub.add_parser("results", help="collect reports/results/*.csv into reports/results.csv")
+    p.set_defaults(func=cmd_results)
 
     p = sub.add_parser("memory", help="per-layer memory of a backbone (the one accounting function)")
     p.add_argument("--model", required=True)

@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -143,6 +143,41 @@ class Pretrain:
 
 
 @dataclass(frozen=True)
+class Prune:
+    amount: float = field(default=0.0, metadata=_range(ge=0, lt=1))  # target sparsity of adapter weights
+    rounds: int = field(default=3, metadata=_range(ge=1))
+    epochs: int = field(default=1, metadata=_range(ge=1))  # finetune epochs after each round
+    scope: Literal["layer", "global"] = "layer"
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """The task-specific state of the `serial` and `parallel` methods."""
+
+    groups: int = field(default=1, metadata=_range(ge=1))
+    reduction: int = field(default=1, metadata=_range(ge=1))
+    placement: Union[str, list[int]] = "all"  # all | last:K | list of block indices
+    task_bn: bool = False
+    bits: Literal[32, 8, 4, 2] = 32
+    prune: Prune = Prune()
+
+    def check(self, path: str) -> None:
+        p = self.placement
+        if isinstance(p, str) and p != "all" and not (p.startswith("last:") and p[5:].isdigit() and int(p[5:]) >= 1):
+            raise ParamsError(f"{path}.placement: '{p}' is not allowed; allowed: all, last:K (K >= 1), or a list of block indices")
+        if isinstance(p, list) and (not p or min(p) < 0 or len(set(p)) != len(p)):
+            raise ParamsError(f"{path}.placement: {p}: give distinct block indices >= 0")
+
+
+@dataclass(frozen=True)
+class Transfer:
+    targets: list[str] = field(default_factory=lambda: ["mnist_5to9", "uci_digits"])
+    methods: list[Literal["full", "head", "serial", "parallel"]] = field(
+        default_factory=lambda: ["full", "head", "serial", "parallel"])
+    optim: Optim = Optim()
+
+
+@dataclass(frozen=True)
 class Tracking:
     uri: Optional[str] = None  # None: MLFLOW_TRACKING_URI, else sqlite:///<project root>/mlflow.db
     experiment: str = "bnn-adapters"
@@ -155,6 +190,8 @@ class Params:
     model: Model = Model()
     trainer: Trainer = Trainer()
     pretrain: Pretrain = Pretrain()
+    adapter: Adapter = Adapter()
+    transfer: Transfer = Transfer()
     tracking: Tracking = Tracking()
 
     def check(self, path: str) -> None:
@@ -165,6 +202,12 @@ class Params:
                 f"pretrain.source: '{self.pretrain.source}' is not a dataset in data.datasets; "
                 f"allowed: {', '.join(self.data.datasets) or '(none defined)'}"
             )
+        for i, t in enumerate(self.transfer.targets):
+            if t not in self.data.datasets:
+                raise ParamsError(
+                    f"transfer.targets[{i}]: '{t}' is not a dataset in data.datasets; "
+                    f"allowed: {', '.join(self.data.datasets)}"
+                )
 
 
 # ---------------------------------------------------------------------------------- loading

@@ -81,7 +81,13 @@ def prepare_dataset(name: str, spec: DatasetSpec, data: Data, out_dir: Path) -> 
         )
     images = to_shape(x, data.input_size, data.channels)
     s = data.split
-    parts = stratified_split(y, (s.train, s.val, s.test), data.seed)
+    try:
+        parts = stratified_split(y, (s.train, s.val, s.test), data.seed)
+    except ValueError:  # sklearn: a class too small to reach every split
+        raise UserError(
+            f"data.datasets.{name}: class counts {counts.tolist()} are too small for split "
+            f"{s.train:g}/{s.val:g}/{s.test:g}; every class needs images in train, val and test"
+        ) from None
     train = images[parts[0]]
     dims = (0, 2, 3)
     mean, std = train.mean(dims), train.std(dims).clamp_min(1e-6)  # from train only

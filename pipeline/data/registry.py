@@ -29,7 +29,8 @@ class Source:
 def _as_nchw(x: np.ndarray) -> np.ndarray:
     """uint8/float images in NHW, NHWC or NCHW -> float32 NCHW in [0, 1]."""
     x = np.asarray(x)
-    scale = 255.0 if x.dtype == np.uint8 else 1.0
+    # 8-bit pixels (uint8, or 0..255 in a wider integer type) -> [0, 1]; floats are taken as they are
+    scale = 255.0 if x.dtype == np.uint8 or (np.issubdtype(x.dtype, np.integer) and x.size and x.max() > 1) else 1.0
     x = x.astype(np.float32) / scale
     if x.ndim == 3:
         x = x[:, None]
@@ -109,7 +110,10 @@ def read_idx(file: Path) -> np.ndarray:
         raise UserError(f"{file}: not an unsigned-byte idx file")
     ndim = data[3]
     dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise UserError(f"{file}: truncated idx file ({body.size} bytes for shape {dims})")
+    return body.reshape(dims)
 
 
 def _idx_loader(name: str, folder: str, tv_name: str) -> Loader:

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from pipeline.errors import UserError
-from pipeline.nn.memory import TensorEntry, storage_plan
+from pipeline.nn.memory import TensorEntry, index_bits, storage_plan
 
 MAGIC = b"BNNPACK1"
 
@@ -27,27 +27,76 @@ def _fused_bn(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.
     return scale, shift
 
 
+def pack_uint(values: np.ndarray, bits: int) -> bytes:
+    """Unsigned integers < 2**bits, `bits` bits each, MSB first, padded to a whole byte."""
+    v = np.asarray(values, dtype=np.int64).reshape(-1)
+    planes = (v[:, None] >> np.arange(bits - 1, -1, -1)) & 1
+    return np.packbits(planes.astype(np.uint8).reshape(-1)).tobytes()
+
+
+def unpack_uint(data: bytes, bits: int, count: int) -> np.ndarray:
+    planes = np.unpackbits(np.frombuffer(data, dtype=np.uint8))[: count * bits].reshape(count, bits)
+    return (planes.astype(np.int64) << np.arange(bits - 1, -1, -1)).sum(1)
+
+
+def _codes(module: nn.Module, weight: torch.Tensor, bits: int) -> tuple[np.ndarray, float]:
+    """Integer codes and scale of a k-bit weight (frozen codes if the layer has them)."""
+    from pipeline.nn.adapters import quantize
+
+    mask = getattr(module, "mask", torch.ones_like(weight))
+    frozen = getattr(module, "scale", None)
+    if frozen is not None and float(frozen) > 0:
+        return (weight * mask).round().to(torch.int64).numpy().reshape(-1), float(frozen)
+    codes, scale = quantize(weight * mask, bits)
+    return codes.to(torch.int64).numpy().reshape(-1), float(scale)
+
+
 def _encode(entry: TensorEntry, model: nn.Module) -> tuple[bytes, list[int]]:
     modules = dict(model.named_modules())
     if entry.encoding == "bn_fused":
         scale, shift = _fused_bn(modules[entry.layer])
         return torch.cat([scale, shift]).float().numpy().tobytes(), [2, scale.numel()]
+    module = modules[entry.layer]
     tensor = model.get_parameter(entry.name).detach()
+    shape = list(tensor.shape)
+    bits = entry.value_bits
     if entry.encoding == "sign":
-        return np.packbits((tensor >= 0).numpy().reshape(-1)).tobytes(), list(tensor.shape)
+        return np.packbits((tensor >= 0).numpy().reshape(-1)).tobytes(), shape
     if entry.encoding == "float32":
-        return tensor.float().numpy().tobytes(), list(tensor.shape)
+        return tensor.float().numpy().tobytes(), shape
+    qmax = 2 ** (bits - 1) - 1
+    if entry.encoding.startswith("int"):
+        codes, scale = _codes(module, tensor, bits)
+        return pack_uint(codes + qmax, bits) + np.float32(scale).tobytes(), shape
+    if entry.encoding == "sparse":
+        if bits < 32:
+            values, scale = _codes(module, tensor, bits)
+        else:
+            values, scale = (tensor * getattr(module, "mask", 1)).numpy().reshape(-1), None
+        nz = np.flatnonzero(values)
+        n = values.size
+        if n <= len(nz) * index_bits(n):  # the cheaper of a 1-bit mask or explicit indices
+            where = np.packbits((values != 0).astype(np.uint8)).tobytes()
+        else:
+            where = pack_uint(nz, index_bits(n))
+        if bits == 32:
+            data = values[nz].astype(np.float32).tobytes()
+        elif bits == 1:
+            data = np.packbits((values[nz] > 0).astype(np.uint8)).tobytes()
+        else:
+            data = pack_uint(values[nz].astype(np.int64) + qmax, bits) + np.float32(scale).tobytes()
+        return where + data, shape
     raise NotImplementedError(f"export of encoding '{entry.encoding}'")
 
 
-def export_packed(model: nn.Module, path: Path, meta: dict) -> dict:
-    """Write `model` bit-packed to `path`; return sizes (payload, header, file, accounted bits)."""
-    plan = storage_plan(model)
+def export_packed(model: nn.Module, path: Path, meta: dict, include=None) -> dict:
+    """Write `model` (or the modules `include` picks) bit-packed to `path`; return the sizes."""
+    plan = storage_plan(model, include)
     records, chunks, offset = [], [], 0
     for e in plan:
         data, shape = _encode(e, model)
         records.append({"name": e.name, "layer": e.layer, "encoding": e.encoding, "shape": shape,
-                        "offset": offset, "nbytes": len(data)})
+                        "bits": e.value_bits, "nnz": e.nnz, "offset": offset, "nbytes": len(data)})
         chunks.append(data)
         offset += len(data)
     header = json.dumps({"meta": meta, "tensors": records}, separators=(",", ":")).encode()
@@ -62,6 +111,7 @@ def export_packed(model: nn.Module, path: Path, meta: dict) -> dict:
         "header_bytes": header_bytes,
         "payload_bytes": offset,
         "accounted_bytes": sum(e.bits for e in plan) / 8,
+        "tensors": len(plan),
     }
 
 
@@ -83,13 +133,39 @@ def read_packed(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         if len(chunk) != r["nbytes"]:
             raise UserError(f"{path}: truncated at tensor {r['name']}")
         numel = int(np.prod(r["shape"]))
-        if r["encoding"] == "sign":
-            bits = np.unpackbits(np.frombuffer(chunk, dtype=np.uint8))[:numel]
-            values = bits.astype(np.float32) * 2 - 1
-        else:
-            values = np.frombuffer(chunk, dtype=np.float32).copy()
+        values = _decode(r, bytes(chunk), numel)
         out[r["name"]] = torch.from_numpy(values.reshape(r["shape"]))
     return header["meta"], out
+
+
+def _decode(r: dict, chunk: bytes, numel: int) -> np.ndarray:
+    enc, bits = r["encoding"], r.get("bits", 32)
+    qmax = 2 ** (bits - 1) - 1
+    if enc == "sign":
+        return np.unpackbits(np.frombuffer(chunk, dtype=np.uint8))[:numel].astype(np.float32) * 2 - 1
+    if enc.startswith("int"):
+        scale = np.frombuffer(chunk[-4:], dtype=np.float32)[0]
+        return ((unpack_uint(chunk[:-4], bits, numel) - qmax) * scale).astype(np.float32)
+    if enc == "sparse":
+        nnz = r["nnz"]
+        if numel <= nnz * index_bits(numel):
+            n_where = (numel + 7) // 8
+            nz = np.flatnonzero(np.unpackbits(np.frombuffer(chunk[:n_where], dtype=np.uint8))[:numel])
+        else:
+            n_where = (nnz * index_bits(numel) + 7) // 8
+            nz = unpack_uint(chunk[:n_where], index_bits(numel), nnz)
+        data = chunk[n_where:]
+        if bits == 32:
+            vals = np.frombuffer(data, dtype=np.float32)
+        elif bits == 1:
+            vals = np.unpackbits(np.frombuffer(data, dtype=np.uint8))[:nnz].astype(np.float32) * 2 - 1
+        else:
+            scale = np.frombuffer(data[-4:], dtype=np.float32)[0]
+            vals = ((unpack_uint(data[:-4], bits, nnz) - qmax) * scale).astype(np.float32)
+        out = np.zeros(numel, dtype=np.float32)
+        out[nz] = vals
+        return out
+    return np.frombuffer(chunk, dtype=np.float32).copy()
 
 
 def load_packed_into(model: nn.Module, path: Path) -> None:

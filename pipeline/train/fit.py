@@ -42,12 +42,16 @@ class FitResult:
 
 def fit_and_evaluate(params: Params, net: torch.nn.Module, data: PreparedData, optim: Optim, *,
                      run_name: str, tags: dict[str, str], flat_params: dict[str, Any],
-                     ckpt_dir: Optional[Path] = None) -> FitResult:
+                     ckpt_dir: Optional[Path] = None, epochs: Optional[int] = None,
+                     callbacks: Optional[list] = None, select: str = "best") -> FitResult:
+    """`select`: evaluate the best-val checkpoint ("best") or the final weights ("last", for
+    pruning, where earlier and denser checkpoints would flatter the result)."""
     module = Classifier(net, optim, data.num_classes)
-    run = make_trainer(params, run_name=run_name, tags=tags, epochs=optim.epochs, ckpt_dir=ckpt_dir)
+    run = make_trainer(params, run_name=run_name, tags=tags, epochs=epochs or optim.epochs,
+                       ckpt_dir=ckpt_dir, callbacks=callbacks)
     run.logger.log_hyperparams(flat_params)
     run.trainer.fit(module, datamodule=data)
-    if run.checkpoint is not None and run.checkpoint.best_model_path:
+    if select == "best" and run.checkpoint is not None and run.checkpoint.best_model_path:
         state = torch.load(run.checkpoint.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
     val = run.trainer.validate(module, datamodule=data, verbose=False)[0]["val_acc"]

@@ -49,3 +49,24 @@ def run_tags(stage: str, **extra: Any) -> dict[str, str]:
     tags = {"stage": stage, "git_commit": git_commit()}
     tags.update({k: str(v) for k, v in extra.items() if v is not None})
     return tags
+
+
+def transfer_keys(target: str, method: str, precision: str, adapter: Any, seed: int) -> dict[str, Any]:
+    """The flat params every transfer-like run (transfer, sweep trial) carries, in MLflow and in
+    results.csv. Non-adapter methods carry the same keys with neutral values, so any two runs
+    compare side by side."""
+    is_adapter = method in ("serial", "parallel")
+    placement = adapter.placement if isinstance(adapter.placement, str) else ",".join(map(str, adapter.placement))
+    return {
+        "target": target,
+        "method": method,
+        "precision": precision,
+        "adapter_type": method if is_adapter else "none",
+        "groups": adapter.groups if is_adapter else 0,
+        "reduction": adapter.reduction if is_adapter else 0,
+        "placement": placement if is_adapter else "none",
+        "adapter_bits": adapter.bits if is_adapter else 0,
+        "prune_amount": adapter.prune.amount if is_adapter else 0.0,
+        "task_bn": bool(adapter.task_bn) if is_adapter else method == "full",
+        "seed": seed,
+    }

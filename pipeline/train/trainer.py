@@ -71,6 +71,30 @@ class TimingCallback(Callback):
         return next(r.elapsed_train_s for r in accs if r.val_acc >= goal)
 
 
+class PruningCallback(Callback):
+    """Iterative magnitude pruning: after `start_epoch` epochs, one round every `every` epochs,
+    sparsity rising linearly to `amount` at the last of `rounds` rounds."""
+
+    def __init__(self, convs, amount: float, rounds: int, every: int, start_epoch: int, scope: str):
+        self.convs, self.amount, self.rounds = convs, amount, rounds
+        self.every, self.start_epoch, self.scope = every, start_epoch, scope
+        self.done = 0
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        from pipeline.nn.pruning import prune_to
+
+        e = trainer.current_epoch - self.start_epoch
+        if e >= 0 and e % self.every == 0 and self.done < self.rounds:
+            self.done += 1
+            prune_to(self.convs, self.amount * self.done / self.rounds, self.scope)
+
+    def state_dict(self):
+        return {"done": self.done}
+
+    def load_state_dict(self, state):
+        self.done = state["done"]
+
+
 @dataclass
 class Run:
     trainer: L.Trainer

@@ -1,0 +1,229 @@
+"""Adapters on a frozen base (Rebuffi et al. 2017 "series", 2018 "parallel"), and the transfer
+network that holds base, adapters and a new head, PEFT-style: the task-specific state is a named
+subset of the network, saved and loaded apart from the base.
+
+serial:   h = BN(qconv(x));  h = h + BN_a(conv1x1_g(h))
+parallel: h = BN(qconv(x)) + BN_a(conv1x1_g(x))      (the 1x1 conv takes qconv's stride)
+
+BN_a's gamma starts at zero, so an adapted network starts as exactly the base.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pipeline.errors import UserError
+from pipeline.nn.backbones import Backbone, ConvBlock
+
+AdapterType = Literal["serial", "parallel"]
+Method = Literal["full", "head", "serial", "parallel"]
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def quantize(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric uniform k-bit codes (in [-(2^(k-1)-1), 2^(k-1)-1]) and their float scale."""
+    qmax = 2 ** (bits - 1) - 1
+    scale = w.detach().abs().max().clamp_min(1e-12) / qmax
+    codes = _RoundSTE.apply(w / scale).clamp(-qmax, qmax)
+    return codes, scale
+
+
+class AdapterConv(nn.Conv2d):
+    """1x1 conv with optional k-bit fake quantisation (STE) and a pruning mask.
+
+    `weight_bits` and `pruned` are what the memory accounting reads. `freeze_codes()` turns the
+    latent weights into stored integer codes + scale, the form saved in adapter files.
+    """
+
+    def __init__(self, cin: int, cout: int, groups: int, stride: int, bits: int):
+        super().__init__(cin, cout, 1, stride=stride, groups=groups, bias=False)
+        self.weight_bits = bits
+        self.pruned = False
+        self.register_buffer("mask", torch.ones_like(self.weight))
+        self.register_buffer("scale", torch.zeros(()))  # > 0 once codes are frozen
+
+    def effective_weight(self) -> torch.Tensor:
+        w = self.weight * self.mask
+        if self.weight_bits >= 32:
+            return w
+        if self.scale > 0:  # frozen: weight holds integer codes
+            return w * self.scale
+        codes, scale = quantize(w, self.weight_bits)
+        return codes * scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.effective_weight(), None)
+
+    @torch.no_grad()
+    def make_pruning_permanent(self) -> None:
+        self.weight.mul_(self.mask)
+        self.pruned = bool((self.mask == 0).any())
+
+    @torch.no_grad()
+    def freeze_codes(self) -> None:
+        if self.weight_bits >= 32 or self.scale > 0:
+            return
+        codes, scale = quantize(self.weight * self.mask, self.weight_bits)
+        self.weight.copy_(codes)
+        self.scale.fill_(float(scale))
+
+
+class Adapter(nn.Module):
+    def __init__(self, kind: AdapterType, cin: int, cout: int, stride: int, groups: int, reduction: int, bits: int):
+        super().__init__()
+        self.kind = kind
+        src = cout if kind == "serial" else cin
+        mid = cout // reduction
+        stride = stride if kind == "parallel" else 1
+        layers = [AdapterConv(src, mid, groups, stride, bits)]
+        if reduction > 1:
+            layers.append(AdapterConv(mid, cout, groups, 1, bits))
+        self.convs = nn.Sequential(*layers)
+        self.bn = nn.BatchNorm2d(cout)
+        nn.init.zeros_(self.bn.weight)  # identity at initialisation
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return h + self.bn(self.convs(h if self.kind == "serial" else x))
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """What the task-specific state of one transfer run is made of."""
+
+    method: Method
+    groups: int = 1
+    reduction: int = 1
+    placement: Union[str, list[int]] = "all"
+    task_bn: bool = False
+    bits: int = 32
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve_placement(placement: Union[str, list[int]], n_blocks: int) -> list[int]:
+    """`all`, `last:K` or a list of block indices -> sorted block indices."""
+    allowed = f"allowed: all, last:K (1 <= K <= {n_blocks}), or a list of indices in 0..{n_blocks - 1}"
+    if placement == "all":
+        return list(range(n_blocks))
+    if isinstance(placement, str):
+        if placement.startswith("last:") and placement[5:].isdigit() and 1 <= int(placement[5:]) <= n_blocks:
+            return list(range(n_blocks - int(placement[5:]), n_blocks))
+        raise UserError(f"adapter.placement: '{placement}' is not a placement; {allowed}")
+    if not placement or any(not isinstance(i, int) or not 0 <= i < n_blocks for i in placement) \
+            or len(set(placement)) != len(placement):
+        raise UserError(f"adapter.placement: {placement} is not a placement; {allowed}")
+    return sorted(placement)
+
+
+def check_groups(spec: AdapterSpec, blocks: list[ConvBlock], where: list[int]) -> None:
+    for i in where:
+        conv = blocks[i].conv
+        channels = [conv.in_channels if spec.method == "parallel" else conv.out_channels, conv.out_channels]
+        channels.append(conv.out_channels // spec.reduction)
+        if conv.out_channels % spec.reduction or any(c % spec.groups for c in channels):
+            raise UserError(
+                f"adapter.groups={spec.groups}, reduction={spec.reduction}: block {i} has {conv.in_channels}->"
+                f"{conv.out_channels} channels; groups must divide every adapter width ({sorted(set(channels))})"
+            )
+
+
+class TransferNet(nn.Module):
+    """A base backbone with a new head and (for serial/parallel) adapters.
+
+    `start` skips the first feature modules: when they are frozen their outputs are computed once
+    (see `frozen_prefix`) and the network is trained on those cached features.
+    """
+
+    def __init__(self, base: Backbone, spec: AdapterSpec, num_classes: int):
+        super().__init__()
+        self.spec = spec
+        self.base = base
+        self.start = 0
+        base.head = nn.Linear(base.head.in_features, num_classes)
+        blocks = base.blocks
+        self.adapted: list[int] = []
+        if spec.method in ("serial", "parallel"):
+            self.adapted = resolve_placement(spec.placement, len(blocks))
+            check_groups(spec, blocks, self.adapted)
+            for i in self.adapted:
+                c = blocks[i].conv
+                blocks[i].adapter = Adapter(spec.method, c.in_channels, c.out_channels, c.stride[0],
+                                            spec.groups, spec.reduction, spec.bits)
+        for name, p in base.named_parameters():
+            p.requires_grad = spec.method == "full" or self.is_task_param(name)
+
+    # ---- which parts are task-specific
+    def is_task_module(self, name: str, module: nn.Module) -> bool:
+        """Modules whose tensors make up the task-specific state (names relative to self)."""
+        if self.spec.method == "full":
+            return True
+        if name == "base.head" or ".adapter" in name:
+            return True
+        return self.spec.task_bn and isinstance(module, nn.BatchNorm2d) and name.startswith("base.features")
+
+    def is_task_param(self, base_name: str) -> bool:
+        modules = dict(self.named_modules())
+        owner = "base." + base_name.rsplit(".", 1)[0]
+        return self.is_task_module(owner, modules[owner])
+
+    def task_state(self) -> dict[str, torch.Tensor]:
+        keep = {n for n, m in self.named_modules() if n and self.is_task_module(n, m)}
+        return {k: v for k, v in self.state_dict().items() if k.rsplit(".", 1)[0] in keep}
+
+    # ---- train/eval: frozen BN keeps its running statistics
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if mode and self.spec.method != "full":
+            for name, m in self.named_modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and not self.is_task_module(name, m):
+                    m.eval()
+        return self
+
+    def frozen_prefix(self) -> int:
+        """How many leading feature modules hold nothing trainable (outputs can be cached)."""
+        if self.spec.method == "full":
+            return 0
+        n = 0
+        for m in self.base.features:
+            if any(p.requires_grad for p in m.parameters()) or any(isinstance(c, Adapter) for c in m.modules()):
+                break
+            n += 1
+        return n
+
+    @torch.no_grad()
+    def prefix_features(self, x: torch.Tensor, n: int, batch_size: int = 512) -> torch.Tensor:
+        was = self.training
+        self.eval()
+        out = torch.cat([self.base.features[:n](x[i: i + batch_size]) for i in range(0, len(x), batch_size)])
+        self.train(was)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.base.features
+        for m in list(f)[self.start:]:
+            x = m(x)
+        return self.base.head(torch.flatten(self.base.pool(x), 1))
+
+    def adapter_convs(self) -> list[AdapterConv]:
+        return [m for m in self.modules() if isinstance(m, AdapterConv)]
+
+    def finalize(self) -> None:
+        """Make pruning permanent and freeze k-bit codes: the stored, inference form."""
+        for conv in self.adapter_convs():
+            conv.make_pruning_permanent()
+            conv.freeze_codes()
