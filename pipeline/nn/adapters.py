@@ -42,15 +42,14 @@ def quantize(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, scale
 
 
-class AdapterConv(nn.Conv2d):
-    """1x1 conv with optional k-bit fake quantisation (STE) and a pruning mask.
+class _QuantWeight:
+    """k-bit fake quantisation (STE) and a pruning mask for a conv or dense weight.
 
     `weight_bits` and `pruned` are what the memory accounting reads. `freeze_codes()` turns the
     latent weights into stored integer codes + scale, the form saved in adapter files.
     """
 
-    def __init__(self, cin: int, cout: int, groups: int, stride: int, bits: int):
-        super().__init__(cin, cout, 1, stride=stride, groups=groups, bias=False)
+    def _init_quant(self, bits: int) -> None:
         self.weight_bits = bits
         self.pruned = False
         self.register_buffer("mask", torch.ones_like(self.weight))
@@ -65,9 +64,6 @@ class AdapterConv(nn.Conv2d):
         codes, scale = quantize(w, self.weight_bits)
         return codes * scale
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.effective_weight(), None)
-
     @torch.no_grad()
     def make_pruning_permanent(self) -> None:
         self.weight.mul_(self.mask)
@@ -80,6 +76,28 @@ class AdapterConv(nn.Conv2d):
         codes, scale = quantize(self.weight * self.mask, self.weight_bits)
         self.weight.copy_(codes)
         self.scale.fill_(float(scale))
+
+
+class AdapterConv(_QuantWeight, nn.Conv2d):
+    """1x1 adapter conv (grouped, strided) with k-bit weights and a pruning mask."""
+
+    def __init__(self, cin: int, cout: int, groups: int, stride: int, bits: int):
+        nn.Conv2d.__init__(self, cin, cout, 1, stride=stride, groups=groups, bias=False)
+        self._init_quant(bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.effective_weight(), None)
+
+
+class QuantLinear(_QuantWeight, nn.Linear):
+    """The task head, optionally with k-bit weights (its bias stays float32)."""
+
+    def __init__(self, cin: int, cout: int, bits: int = 32):
+        nn.Linear.__init__(self, cin, cout)
+        self._init_quant(bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.effective_weight(), self.bias)
 
 
 class Adapter(nn.Module):
@@ -110,6 +128,7 @@ class AdapterSpec:
     placement: Union[str, list[int]] = "all"
     task_bn: bool = False
     bits: int = 32
+    head_bits: int = 32
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -154,7 +173,7 @@ class TransferNet(nn.Module):
         self.spec = spec
         self.base = base
         self.start = 0
-        base.head = nn.Linear(base.head.in_features, num_classes)
+        base.head = QuantLinear(base.head.in_features, num_classes, spec.head_bits)
         blocks = base.blocks
         self.adapted: list[int] = []
         if spec.method in ("serial", "parallel"):
@@ -224,6 +243,7 @@ class TransferNet(nn.Module):
 
     def finalize(self) -> None:
         """Make pruning permanent and freeze k-bit codes: the stored, inference form."""
-        for conv in self.adapter_convs():
-            conv.make_pruning_permanent()
-            conv.freeze_codes()
+        for m in self.modules():
+            if isinstance(m, _QuantWeight):
+                m.make_pruning_permanent()
+                m.freeze_codes()

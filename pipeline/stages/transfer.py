@@ -42,7 +42,7 @@ def build_net(params: Params, target: str, method: str, precision: str, seed: in
     o = params.transfer.optim
     base = load_base(BASE_DIR / precision / "model.pt")
     a = params.adapter
-    spec = AdapterSpec(method, a.groups, a.reduction, a.placement, a.task_bn, a.bits) \
+    spec = AdapterSpec(method, a.groups, a.reduction, a.placement, a.task_bn, a.bits, a.head_bits) \
         if method in ("serial", "parallel") else AdapterSpec(method)
     data = PreparedData(PREPARED / target, o.batch_size, params.trainer.num_workers, seed)
     net = TransferNet(base, spec, data.num_classes)

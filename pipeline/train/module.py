@@ -45,6 +45,10 @@ class Classifier(L.LightningModule):
     def test_step(self, batch, batch_idx):
         self._step(batch, "test")
 
+    def on_train_start(self):
+        # Lightning 2.6 keeps the modes it is handed; the network decides (frozen BN stays in eval).
+        self.net.train()
+
     def on_train_batch_end(self, outputs, batch, batch_idx):
         clip_latent_weights(self.net)  # after the optimiser step
 

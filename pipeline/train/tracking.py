@@ -66,6 +66,7 @@ def transfer_keys(target: str, method: str, precision: str, adapter: Any, seed: 
         "reduction": adapter.reduction if is_adapter else 0,
         "placement": placement if is_adapter else "none",
         "adapter_bits": adapter.bits if is_adapter else 0,
+        "head_bits": adapter.head_bits if is_adapter else 32,
         "prune_amount": adapter.prune.amount if is_adapter else 0.0,
         "task_bn": bool(adapter.task_bn) if is_adapter else method == "full",
         "seed": seed,

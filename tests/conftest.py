@@ -1,0 +1,74 @@
+"""Shared fixtures: a tiny params set (the default params.yaml, shrunk) and a project copy."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def tiny_params(**overrides) -> dict:
+    """The default params with everything shrunk so a whole pipeline runs in about a minute."""
+    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    p["data"]["datasets"] = {
+        "mnist_0to4": {"source": "mnist5k", "classes": [0, 1, 2, 3, 4], "max_per_class": 40},
+        "mnist_5to9": {"source": "mnist5k", "classes": [5, 6, 7, 8, 9], "max_per_class": 40},
+        "uci_digits": {"source": "uci_digits", "max_per_class": 40},
+    }
+    p["data"]["input_size"] = 16
+    p["model"]["width"] = 4
+    p["trainer"]["progress_bar"] = False
+    p["trainer"]["threads"] = 1
+    p["pretrain"]["optim"]["epochs"] = 2
+    p["transfer"]["optim"]["epochs"] = 2
+    p["adapter"]["placement"] = "all"
+    p["adapter"]["groups"] = 2
+    p["adapter"]["prune"] = {"amount": 0.5, "rounds": 2, "epochs": 1, "scope": "layer"}
+    p["transfer"]["targets"] = ["mnist_5to9"]
+    for key, value in overrides.items():
+        section, _, leaf = key.rpartition(".")
+        node = p
+        for part in filter(None, section.split(".")):
+            node = node[part]
+        node[leaf] = value
+    return p
+
+
+def run_cli(args: list[str], cwd: Path, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **(env or {})}
+    full_env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def make_project(dest: Path, params: dict) -> Path:
+    """A git + DVC project with this repo's pipeline definition and the given params."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(ROOT / name, dest / name)
+    shutil.copytree(ROOT / "pipeline", dest / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run_cli(["git", "init", "-q"], dest)
+    run_cli(["git", "config", "user.email", "test@example.com"], dest)
+    run_cli(["git", "config", "user.name", "test"], dest)
+    run_cli([str(BIN / "dvc"), "init", "-q"], dest)
+    run_cli([str(BIN / "dvc"), "config", "core.analytics", "false"], dest)
+    run_cli(["git", "add", "-A"], dest)
+    run_cli(["git", "commit", "-qm", "init"], dest)
+    return dest
+
+
+@pytest.fixture
+def tiny() -> dict:
+    return copy.deepcopy(tiny_params())

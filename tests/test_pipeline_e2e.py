@@ -1,0 +1,87 @@
+"""End to end: a real `dvc repro` of tiny params in a temporary git repo, read back through the
+files it writes and through MlflowClient."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from conftest import BIN, make_project, run_cli, tiny_params
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> tuple[Path, str, str]:
+    root = make_project(tmp_path_factory.mktemp("proj"), tiny_params())
+    first = run_cli([str(BIN / "dvc"), "repro"], root)
+    second = run_cli([str(BIN / "dvc"), "repro"], root)
+    return root, first.stdout, second.stdout
+
+
+def test_repro_writes_every_output(project):
+    root, _, _ = project
+    for name, classes in (("mnist_0to4", 5), ("mnist_5to9", 5), ("uci_digits", 10)):
+        manifest = json.loads((root / "data/prepared" / name / "manifest.json").read_text())
+        assert manifest["num_classes"] == classes
+        # max_per_class 40 -> 28 / 6 / 6 per class at 0.7 / 0.15 / 0.15
+        assert {s: sum(c.values()) for s, c in manifest["counts"].items()} == \
+            {"train": 28 * classes, "val": 6 * classes, "test": 6 * classes}
+    for precision in ("binary", "fp32"):
+        card = json.loads((root / "models/base" / precision / "card.json").read_text())
+        assert card["architecture"]["precision"] == precision
+        metrics = json.loads((root / f"reports/metrics/pretrain_{precision}.json").read_text())
+        assert 0.0 <= metrics["test_acc"] <= 1.0 and metrics["epochs"] == 2
+    results = pd.read_csv(root / "reports/results.csv")
+    # 1 target x (4 methods on the binary base + full on fp32), one seed
+    assert len(results) == 5
+    assert set(zip(results.target, results.method, results.precision)) == {
+        ("mnist_5to9", m, "binary") for m in ("full", "head", "serial", "parallel")} | {("mnist_5to9", "full", "fp32")}
+    adapters = results[results.method.isin(["serial", "parallel"])]
+    assert (adapters.sparsity > 0.45).all()  # pruned to 0.5 per layer (rounding per layer)
+    assert (results.memory_ratio == results.task_memory_bytes / results.base_memory_bytes).all()
+
+
+def test_second_repro_does_nothing(project):
+    _, first, second = project
+    assert "Running stage 'pretrain@binary'" in first
+    assert "Running stage" not in second
+
+
+def test_evaluate_reproduces_recorded_accuracy(project):
+    root, _, _ = project
+    results = pd.read_csv(root / "reports/results.csv").set_index(["target", "method", "precision"])
+    for method in ("serial", "full"):
+        out = run_cli(["pipeline", "evaluate", "--target", "mnist_5to9", "--adapter",
+                       f"models/mnist_5to9/{method}/adapter.safetensors"], root).stdout
+        recorded = results.loc[("mnist_5to9", method, "binary"), "test_acc"]
+        assert f"test accuracy {recorded:.4f}" in out
+
+
+def test_mlflow_runs_read_back(project):
+    root, _, _ = project
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("bnn-adapters")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    by_stage = {}
+    for r in runs:
+        by_stage.setdefault(r.data.tags["stage"], []).append(r)
+    assert len(by_stage["pretrain"]) == 2 and len(by_stage["transfer"]) == 5
+    pre = next(r for r in by_stage["pretrain"] if r.data.tags["precision"] == "binary")
+    card = json.loads((root / "models/base/binary/card.json").read_text())
+    assert pre.data.metrics["test_acc"] == pytest.approx(card["metrics"]["test_acc"], abs=5e-5)
+    assert pre.data.tags["git_commit"] != "unknown"
+    assert "card.json" in [a.path for a in client.list_artifacts(pre.info.run_id)]
+    history = client.get_metric_history(pre.info.run_id, "train_loss")
+    assert len(history) == 2  # one value per epoch
+    keys = {"target", "method", "precision", "adapter_type", "groups", "reduction", "placement",
+            "adapter_bits", "prune_amount", "seed"}
+    metrics = {"val_acc", "test_acc", "task_memory_bytes", "adapter_memory_bytes", "memory_ratio",
+               "train_time_s", "epoch_time_s", "time_to_95_s", "trainable_params"}
+    for r in by_stage["transfer"]:
+        assert keys <= set(r.data.params), r.info.run_name
+        assert metrics <= set(r.data.metrics), r.info.run_name
