@@ -13,7 +13,7 @@ import tempfile
 from dataclasses import replace
 
 from pipeline.config import load_params
-from pipeline.stages.transfer import build_net
+from pipeline.train.transfer import build_net
 from pipeline.train.module import Classifier
 from pipeline.train.trainer import make_trainer, seed_everything
 
@@ -32,7 +32,7 @@ def main() -> None:
     medians = {}
     for method in args.methods:
         seed_everything(0, params)
-        net, data = build_net(params, args.target, method, "binary", 0)
+        net, data = build_net(params, args.target, method, "binary", 0, params.adapter, o.batch_size)
         run = make_trainer(params, run_name=f"benchmark-{method}", tags={"stage": "benchmark"}, epochs=args.epochs)
         run.trainer.fit(Classifier(net, o, data.num_classes), datamodule=data)
         times = [r.train_seconds for r in run.timing.history]

@@ -54,6 +54,18 @@ def cmd_bank(args) -> None:
     evaluate.run_bank(_params(args), args.targets, args.method)
 
 
+def cmd_sweep(args) -> None:
+    from pipeline.stages import sweep
+
+    sweep.run(_params(args), args.target, args.n_trials, args.workers, args.storage, args.study_name)
+
+
+def cmd_report(args) -> None:
+    from pipeline.stages import report
+
+    report.run(_params(args), Path(args.params))
+
+
 def cmd_results(args) -> None:
     from pipeline.stages import results
 
@@ -123,6 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", nargs="+", required=True)
     p.add_argument("--method", choices=["head", "serial", "parallel"], default="serial")
     p.set_defaults(func=cmd_bank)
+
+    p = sub.add_parser("sweep", help="Optuna sweep of adapter configurations on one target")
+    p.add_argument("--target", required=True)
+    p.add_argument("--n-trials", type=int, default=None, help="COMPLETE trials wanted (default: sweep.n_trials)")
+    p.add_argument("--workers", type=int, default=None, help="worker processes on this machine")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default: journal file)")
+    p.add_argument("--study-name", default=None)
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("report", help="plots and report.md from the result files (no training)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("results", help="collect reports/results/*.csv into reports/results.csv")
     p.set_defaults(func=cmd_results)

@@ -179,6 +179,75 @@ class Transfer:
 
 
 @dataclass(frozen=True)
+class FloatRange:
+    low: float = field(default=1e-3, metadata=_range(gt=0))
+    high: float = field(default=1e-2, metadata=_range(gt=0))
+    log: bool = True
+
+    def check(self, path: str) -> None:
+        if self.low > self.high:
+            raise ParamsError(f"{path}: low {self.low:g} > high {self.high:g}; allowed: low <= high")
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Choices per knob; a one-element list fixes it."""
+
+    method: list[Literal["serial", "parallel"]] = field(default_factory=lambda: ["serial", "parallel"])
+    groups: list[int] = field(default_factory=lambda: [4, 8, 16, 32])
+    reduction: list[int] = field(default_factory=lambda: [1])
+    placement: list[str] = field(default_factory=lambda: ["all", "last:3", "last:2", "last:1"])
+    bits: list[Literal[32, 8, 4, 2]] = field(default_factory=lambda: [8, 4, 2])
+    head_bits: list[Literal[32, 8, 4, 2]] = field(default_factory=lambda: [8])
+    prune_amount: list[float] = field(default_factory=lambda: [0.0, 0.5])
+    task_bn: list[bool] = field(default_factory=lambda: [False])
+    lr: FloatRange = FloatRange(low=0.002, high=0.02, log=True)
+
+    def check(self, path: str) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, list) and not value:
+                raise ParamsError(f"{path}.{f.name}: empty list; give at least one choice")
+        for i, g in enumerate(self.groups + self.reduction):
+            if g < 1:
+                raise ParamsError(f"{path}: groups/reduction {g} out of range; allowed: integers >= 1")
+        for a in self.prune_amount:
+            if not 0 <= a < 1:
+                raise ParamsError(f"{path}.prune_amount: {a} out of range; allowed: 0 <= amount < 1")
+        for p in self.placement:
+            Adapter(placement=p).check(f"{path}.placement")
+
+
+@dataclass(frozen=True)
+class Sweep:
+    n_trials: int = field(default=12, metadata=_range(ge=1))
+    workers: int = field(default=1, metadata=_range(ge=1, le=64))
+    storage: Optional[str] = None  # None: journal file reports/sweep/<target>/optuna.journal
+    study_name: Optional[str] = None  # None: derived from a hash of the settings (reruns resume)
+    sampler: Literal["tpe", "nsga2"] = "tpe"
+    seed: int = 0
+    epochs: int = field(default=3, metadata=_range(ge=1))
+    patience: int = field(default=2, metadata=_range(ge=1))  # early stopping on val accuracy
+    stale_after_s: int = field(default=60, metadata=_range(ge=1))  # RUNNING trial without heartbeat
+    reference_accuracy: float = field(default=0.0, metadata=_range(ge=0, le=1))  # hypervolume reference point
+    reference_memory_pct: float = field(default=100.0, metadata=_range(gt=0))
+    space: SearchSpace = SearchSpace()
+
+
+@dataclass(frozen=True)
+class Report:
+    band_low: float = field(default=0.07, metadata=_range(ge=0, le=1))  # the prior study's band
+    band_high: float = field(default=0.12, metadata=_range(gt=0, le=10))
+    max_ratio: float = field(default=0.12, metadata=_range(gt=0))  # "small adapter" budget for question 1
+    n_tasks: int = field(default=10, metadata=_range(ge=1, le=1000))
+    dpi: int = field(default=110, metadata=_range(ge=30, le=600))
+
+    def check(self, path: str) -> None:
+        if self.band_low >= self.band_high:
+            raise ParamsError(f"{path}: band_low {self.band_low} >= band_high {self.band_high}; allowed: band_low < band_high")
+
+
+@dataclass(frozen=True)
 class Tracking:
     uri: Optional[str] = None  # None: MLFLOW_TRACKING_URI, else sqlite:///<project root>/mlflow.db
     experiment: str = "bnn-adapters"
@@ -193,6 +262,8 @@ class Params:
     pretrain: Pretrain = Pretrain()
     adapter: Adapter = Adapter()
     transfer: Transfer = Transfer()
+    sweep: Sweep = Sweep()
+    report: Report = Report()
     tracking: Tracking = Tracking()
 
     def check(self, path: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from pipeline.config import BASE_DIR, METRICS_DIR, PREPARED, Params, as_flat_dict
@@ -17,6 +18,7 @@ from pipeline.train.trainer import seed_everything
 
 
 def run(params: Params, precision: str) -> dict:
+    t0 = time.perf_counter()
     p, seed = params.pretrain, params.seeds[0]
     seed_everything(seed, params)
     data = PreparedData(PREPARED / p.source, p.optim.batch_size, params.trainer.num_workers, seed)
@@ -41,6 +43,7 @@ def run(params: Params, precision: str) -> dict:
         "params": memory.params,
         "epochs": p.optim.epochs,
         **result.timing_metrics(),
+        "dataset_sha256": data.manifest["sha256"]["train"][:16],
     }
     card = {
         "architecture": arch.to_dict(),
@@ -56,8 +59,9 @@ def run(params: Params, precision: str) -> dict:
         "seed": seed,
     }
     write_json(out / "card.json", card)
+    metrics["wall_time_s"] = round(time.perf_counter() - t0, 3)
     write_json(METRICS_DIR / f"pretrain_{precision}.json", metrics)
-    result.log_metrics({k: v for k, v in metrics.items() if k not in ("val_acc", "test_acc")})
+    result.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k not in ("val_acc", "test_acc")})
     result.log_artifact(out / "card.json")
     print(f"pretrain {precision}: val {metrics['val_acc']:.4f} test {metrics['test_acc']:.4f} "
           f"memory {memory.bytes / 1024:.1f} KiB, {metrics['train_time_s']:.1f}s training")

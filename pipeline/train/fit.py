@@ -19,7 +19,7 @@ class FitResult:
     module: Classifier
     run: Run
     val_acc: float
-    test_acc: float
+    test_acc: Optional[float]
 
     @property
     def run_id(self) -> str:
@@ -43,17 +43,19 @@ class FitResult:
 def fit_and_evaluate(params: Params, net: torch.nn.Module, data: PreparedData, optim: Optim, *,
                      run_name: str, tags: dict[str, str], flat_params: dict[str, Any],
                      ckpt_dir: Optional[Path] = None, epochs: Optional[int] = None,
-                     callbacks: Optional[list] = None, select: str = "best") -> FitResult:
+                     callbacks: Optional[list] = None, select: str = "best",
+                     parent_run_id: Optional[str] = None, test: bool = True) -> FitResult:
     """`select`: evaluate the best-val checkpoint ("best") or the final weights ("last", for
-    pruning, where earlier and denser checkpoints would flatter the result)."""
+    pruning, where earlier and denser checkpoints would flatter the result). `test=False` leaves
+    the test split untouched (sweeps select on val only)."""
     module = Classifier(net, optim, data.num_classes)
     run = make_trainer(params, run_name=run_name, tags=tags, epochs=epochs or optim.epochs,
-                       ckpt_dir=ckpt_dir, callbacks=callbacks)
+                       ckpt_dir=ckpt_dir, callbacks=callbacks, parent_run_id=parent_run_id)
     run.logger.log_hyperparams(flat_params)
     run.trainer.fit(module, datamodule=data)
     if select == "best" and run.checkpoint is not None and run.checkpoint.best_model_path:
         state = torch.load(run.checkpoint.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
     val = run.trainer.validate(module, datamodule=data, verbose=False)[0]["val_acc"]
-    test = run.trainer.test(module, datamodule=data, verbose=False)[0]["test_acc"]
-    return FitResult(module, run, float(val), float(test))
+    test_acc = float(run.trainer.test(module, datamodule=data, verbose=False)[0]["test_acc"]) if test else None
+    return FitResult(module, run, float(val), test_acc)

@@ -37,6 +37,30 @@ def artifact_location(params: Params) -> str | None:
     return None
 
 
+def client(params: Params):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri(params))
+
+
+def experiment_id(params: Params) -> str:
+    c = client(params)
+    exp = c.get_experiment_by_name(params.tracking.experiment)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return c.create_experiment(params.tracking.experiment, artifact_location=artifact_location(params))
+    except Exception:  # another worker created it first
+        return c.get_experiment_by_name(params.tracking.experiment).experiment_id
+
+
+def start_child_run(params: Params, parent_run_id: str, run_name: str, tags: dict[str, str]) -> str:
+    """A run nested under `parent_run_id` (the MLflow UI shows sweep trials under their sweep)."""
+    run = client(params).create_run(experiment_id(params), run_name=run_name,
+                                    tags={**tags, "mlflow.parentRunId": parent_run_id})
+    return run.info.run_id
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)

@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressB
 from lightning.pytorch.loggers import MLFlowLogger
 
 from pipeline.config import Params
-from pipeline.train.tracking import artifact_location, tracking_uri
+from pipeline.train.tracking import artifact_location, start_child_run, tracking_uri
 
 
 @dataclass
@@ -111,7 +111,8 @@ def seed_everything(seed: int, params: Params) -> None:
 
 
 def make_trainer(params: Params, *, run_name: str, tags: dict[str, str], epochs: int,
-                 ckpt_dir: Optional[Path] = None, callbacks: Optional[list[Callback]] = None) -> Run:
+                 ckpt_dir: Optional[Path] = None, callbacks: Optional[list[Callback]] = None,
+                 parent_run_id: Optional[str] = None) -> Run:
     t = params.trainer
     logger = MLFlowLogger(
         experiment_name=params.tracking.experiment,
@@ -119,6 +120,7 @@ def make_trainer(params: Params, *, run_name: str, tags: dict[str, str], epochs:
         tracking_uri=tracking_uri(params),  # explicit: Lightning's own default is a deprecated file store
         tags=tags,
         artifact_location=artifact_location(params),
+        run_id=start_child_run(params, parent_run_id, run_name, tags) if parent_run_id else None,
     )
     timing = TimingCallback()
     cbs: list[Callback] = [timing, *(callbacks or [])]

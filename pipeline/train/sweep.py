@@ -1,0 +1,264 @@
+"""Optuna sweeps of adapter configurations: maximise val accuracy, minimise task memory.
+
+Resumable (the study name is a hash of the settings; `n_trials` counts COMPLETE trials),
+safe for several workers on one storage (exactly `n_trials` complete: a worker only starts a
+trial while fewer than `n_trials` are complete or running, and gives a trial back if lower-numbered
+ones already fill the quota), and robust to killed workers (RUNNING trials whose process is gone,
+or whose heartbeat is older than `stale_after_s`, are failed with a reason).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any, Optional
+
+import optuna
+from optuna.trial import TrialState
+
+from pipeline.config import Adapter, Params
+from pipeline.errors import EnvironmentFailure, UserError
+
+DIRECTIONS = ["maximize", "minimize"]  # val accuracy, task memory bytes
+
+
+# ------------------------------------------------------------------------------ naming & storage
+
+
+def study_name(params: Params, target: str, base_sha256: str) -> str:
+    """Same search space, target, base and trial budget -> same name, so a rerun resumes."""
+    s = params.sweep
+    key = {"space": asdict(s.space), "target": target, "base": base_sha256, "epochs": s.epochs,
+           "patience": s.patience, "sampler": s.sampler, "seed": s.seed, "batch": params.transfer.optim.batch_size,
+           "prune": {"rounds": params.adapter.prune.rounds, "epochs": params.adapter.prune.epochs}}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{target}-{digest}"
+
+
+def open_storage(url: Optional[str], folder: Path):
+    """An Optuna storage: a journal file in `folder` by default, or any RDB URL."""
+    try:
+        if url is None:
+            from optuna.storages import JournalStorage
+            from optuna.storages.journal import JournalFileBackend
+
+            folder.mkdir(parents=True, exist_ok=True)
+            return JournalStorage(JournalFileBackend(str(folder / "optuna.journal")))
+        if "://" not in url:
+            raise UserError(f"sweep.storage: '{url}' is not a storage URL; allowed: null (journal file) or an RDB URL "
+                            f"such as postgresql://user:pass@host/db or sqlite:///sweep.db")
+        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+    except UserError:
+        raise
+    except Exception as exc:  # unreachable server, missing driver, bad credentials
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EnvironmentFailure(f"sweep storage {url}: cannot be opened ({first[:200]})") from None
+
+
+def make_sampler(params: Params, worker: int, existing: int = 0) -> optuna.samplers.BaseSampler:
+    # Workers, and a resumed study, must not replay the random stream that proposed earlier trials.
+    seed = params.sweep.seed + 1000 * worker + existing
+    if params.sweep.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+
+
+def suggest(trial: optuna.trial.BaseTrial, params: Params) -> tuple[str, Adapter, float]:
+    sp = params.sweep.space
+    method = trial.suggest_categorical("method", sp.method)
+    adapter = Adapter(
+        groups=trial.suggest_categorical("groups", sp.groups),
+        reduction=trial.suggest_categorical("reduction", sp.reduction),
+        placement=trial.suggest_categorical("placement", sp.placement),
+        task_bn=trial.suggest_categorical("task_bn", sp.task_bn),
+        bits=trial.suggest_categorical("bits", sp.bits),
+        head_bits=trial.suggest_categorical("head_bits", sp.head_bits),
+        prune=replace(params.adapter.prune, amount=trial.suggest_categorical("prune_amount", sp.prune_amount)),
+    )
+    lr = trial.suggest_float("lr", sp.lr.low, sp.lr.high, log=sp.lr.log)
+    return method, adapter, lr
+
+
+# ------------------------------------------------------------------------------ liveness
+
+
+class Heartbeat:
+    """Marks a RUNNING trial as alive: host, pid and a timestamp refreshed in the background."""
+
+    def __init__(self, storage, trial_id: int, interval: float):
+        self.storage, self.trial_id, self.interval = storage, trial_id, interval
+        self._stop = threading.Event()
+        storage.set_trial_system_attr(trial_id, "worker_host", socket.gethostname())
+        storage.set_trial_system_attr(trial_id, "worker_pid", os.getpid())
+        self._beat()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _beat(self) -> None:
+        self.storage.set_trial_system_attr(self.trial_id, "heartbeat", time.time())
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self._beat()
+            except Exception:  # the trial finished meanwhile
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fail_stale_trials(study: optuna.Study, storage, stale_after_s: float) -> list[int]:
+    """Fail RUNNING trials whose worker is gone: a dead pid on this host, or no heartbeat for
+    `stale_after_s` seconds (any host). Returns the numbers failed."""
+    failed = []
+    host = socket.gethostname()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        attrs = t.system_attrs
+        beat = attrs.get("heartbeat")
+        reason = None
+        if attrs.get("worker_host") == host and "worker_pid" in attrs and not _pid_alive(int(attrs["worker_pid"])):
+            reason = f"stale: worker pid {attrs['worker_pid']} on {host} is gone"
+        elif beat is not None and time.time() - float(beat) > stale_after_s:
+            reason = f"stale: no heartbeat for {time.time() - float(beat):.0f}s"
+        elif beat is None and t.datetime_start and time.time() - t.datetime_start.timestamp() > stale_after_s:
+            reason = "stale: never reported a heartbeat"
+        if reason:
+            try:
+                storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
+                storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+                failed.append(t.number)
+            except Exception:  # finished or failed by another worker meanwhile
+                pass
+    return failed
+
+
+# ------------------------------------------------------------------------------ workers
+
+
+def _counts(study: optuna.Study) -> tuple[int, int]:
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+    complete = sum(t.state == TrialState.COMPLETE for t in trials)
+    return complete, len(trials) - complete
+
+
+def run_worker(params: Params, target: str, name: str, storage_url: Optional[str], folder: Path,
+               worker: int, parent_run_id: Optional[str], poll_s: float = 1.0) -> int:
+    """Run trials until the study holds `n_trials` COMPLETE trials. Returns trials run here."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    from pipeline.train.tracking import run_tags
+    from pipeline.train.transfer import base_memory_bytes, train_transfer
+
+    storage = open_storage(storage_url, folder)
+    existing = len(optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False))
+    study = optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(params, worker, existing))
+    n, s = params.sweep.n_trials, params.sweep
+    params = replace(params, trainer=replace(params.trainer, progress_bar=False))  # trials are many and short
+    base_bytes = base_memory_bytes()
+    ran = 0
+    while True:
+        fail_stale_trials(study, storage, s.stale_after_s)
+        complete, running = _counts(study)
+        if complete >= n:
+            return ran
+        if complete + running >= n:  # the quota is in flight; wait in case one of them fails
+            time.sleep(poll_s)
+            continue
+        trial = study.ask()
+        ahead = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+                 if t.number < trial.number]
+        if len(ahead) >= n:  # another worker took the last slot first
+            storage.set_trial_user_attr(trial._trial_id, "fail_reason", "surplus: quota already taken by lower-numbered trials")
+            study.tell(trial, state=TrialState.FAIL)
+            continue
+        beat = Heartbeat(storage, trial._trial_id, interval=max(1.0, s.stale_after_s / 4))
+        try:
+            method, adapter, lr = suggest(trial, params)
+            stem = f"trial_{trial.number:04d}"
+            row, _ = train_transfer(
+                params, target=target, method=method, precision="binary", seed=params.seeds[0], adapter=adapter,
+                optim=replace(params.transfer.optim, epochs=s.epochs, lr=lr), out=folder / "trials", stem=stem,
+                run_name=f"sweep-{target}-trial{trial.number}", parent_run_id=parent_run_id,
+                tags=run_tags("sweep_trial", target=target, method=method, precision="binary", study=name),
+                extra_params={"trial_number": trial.number, "study": name}, touch_test=False,
+                callbacks=[EarlyStopping(monitor="val_acc", mode="max", patience=s.patience, check_finite=True)],
+                base_bytes=base_bytes,
+            )
+            shutil.rmtree(folder / "trials" / "checkpoints" / stem, ignore_errors=True)
+            for key in ("val_acc", "task_memory_bytes", "adapter_memory_bytes", "memory_ratio", "sparsity",
+                        "train_time_s", "epochs_run"):
+                storage.set_trial_user_attr(trial._trial_id, key, row[key])
+            storage.set_trial_user_attr(trial._trial_id, "adapter", str(folder / "trials" / f"{stem}.safetensors"))
+            beat.stop()
+            study.tell(trial, [row["val_acc"], row["task_memory_bytes"]])
+        except (UserError, RuntimeError, ValueError) as exc:  # invalid combination, diverged training
+            beat.stop()
+            reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+            study.tell(trial, state=TrialState.FAIL)
+            print(f"trial {trial.number} failed: {reason}")
+        ran += 1
+
+
+def _spawned_worker(params, target, name, storage_url, folder, worker, parent_run_id) -> None:
+    run_worker(params, target, name, storage_url, folder, worker, parent_run_id)
+
+
+def run_workers(params: Params, target: str, name: str, storage_url: Optional[str], folder: Path,
+                workers: int, parent_run_id: Optional[str]) -> None:
+    if workers == 1:
+        run_worker(params, target, name, storage_url, folder, 0, parent_run_id)
+        return
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_spawned_worker, args=(params, target, name, storage_url, folder, i, parent_run_id))
+             for i in range(workers)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    bad = [p.exitcode for p in procs if p.exitcode != 0]
+    if bad:
+        raise EnvironmentFailure(f"sweep: {len(bad)} of {workers} workers exited with codes {bad}")
+
+
+def create_study(params: Params, target: str, name: str, storage_url: Optional[str], folder: Path) -> optuna.Study:
+    storage = open_storage(storage_url, folder)
+    study = optuna.create_study(study_name=name, storage=storage, directions=DIRECTIONS, load_if_exists=True)
+    study.set_user_attr("target", target)
+    study.set_user_attr("space", json.loads(json.dumps(asdict(params.sweep.space))))
+    return study
+
+
+def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        row = {"number": t.number, "state": t.state.name,
+               "val_acc": t.values[0] if t.values else None,
+               "task_memory_bytes": t.values[1] if t.values else None}
+        row.update({k: v for k, v in t.params.items()})
+        for key in ("memory_ratio", "adapter_memory_bytes", "sparsity", "train_time_s", "epochs_run", "fail_reason", "adapter"):
+            row[key] = t.user_attrs.get(key)
+        row["duration_s"] = t.duration.total_seconds() if t.duration else None
+        rows.append(row)
+    return rows
