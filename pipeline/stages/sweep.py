@@ -24,15 +24,19 @@ from pipeline.train.tracking import client, experiment_id, run_tags
 SWEEP_DIR = Path("reports/sweep")
 
 
-def parent_run(params: Params, target: str, name: str) -> str:
-    """The sweep's MLflow parent run: found by study name, so resumed runs and other workers
-    nest their trials under the same one."""
+def parent_run(params: Params, study, target: str) -> str:
+    """The sweep's MLflow parent run, recorded in the study itself, so resumed runs and workers on
+    other machines nest their trials under the same one."""
+    known = study.user_attrs.get("mlflow_parent_run_id")
+    if known:
+        return known
     c = client(params)
     exp = experiment_id(params)
-    found = c.search_runs([exp], filter_string=f"tags.study = '{name}' and tags.stage = 'sweep'", max_results=1)
-    if found:
-        return found[0].info.run_id
-    return c.create_run(exp, run_name=f"sweep-{target}", tags=run_tags("sweep", target=target, study=name)).info.run_id
+    found = c.search_runs([exp], filter_string=f"tags.study = '{study.study_name}' and tags.stage = 'sweep'", max_results=1)
+    run_id = found[0].info.run_id if found else \
+        c.create_run(exp, run_name=f"sweep-{target}", tags=run_tags("sweep", target=target, study=study.study_name)).info.run_id
+    study.set_user_attr("mlflow_parent_run_id", run_id)
+    return run_id
 
 
 def run(params: Params, target: str, n_trials: Optional[int] = None, workers: Optional[int] = None,
@@ -52,8 +56,12 @@ def run(params: Params, target: str, n_trials: Optional[int] = None, workers: Op
     base_sha = sha256(BASE_DIR / "binary" / "model.pt")
     name = name or s.study_name or study_name(params, target, base_sha)
     study = create_study(params, target, name, storage, folder)
-    parent = parent_run(params, target, name)
+    parent = parent_run(params, study, target)
     run_workers(params, target, name, storage, folder, s.workers, parent)
+    final = study.user_attrs.get("mlflow_parent_run_id", parent)
+    if final != parent:  # lost a creation race with another machine's coordinator: drop the empty run
+        client(params).delete_run(parent)
+        parent = final
 
     trials = pd.DataFrame(trial_rows(study))
     trials.to_csv(folder / "trials.csv", index=False)

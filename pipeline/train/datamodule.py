@@ -6,9 +6,27 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from pipeline.data.prepare import load_prepared
+
+
+class EpochShuffle(Sampler[int]):
+    """A permutation that depends only on (seed, epoch): a run resumed at epoch k sees the same
+    order as an uninterrupted one (Lightning calls `set_epoch` at every epoch)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
 
 
 class PreparedData(L.LightningDataModule):
@@ -35,8 +53,9 @@ class PreparedData(L.LightningDataModule):
         return TensorDataset(*self.splits[split])
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        gen = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(self.dataset(split), batch_size=self.batch_size, shuffle=shuffle, generator=gen,
+        ds = self.dataset(split)
+        sampler = EpochShuffle(len(ds), self.seed) if shuffle else None
+        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:

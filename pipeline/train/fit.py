@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -40,6 +42,27 @@ class FitResult:
         self.run.logger.experiment.log_artifact(self.run_id, str(path))
 
 
+def find_resume(ckpt_dir: Optional[Path], run_name: str, flat_params: dict, optim: Optim, epochs: int,
+                params: Params) -> dict[str, Any]:
+    """A run killed mid-way left `last.ckpt` and `resume.json` in its checkpoint folder: resume it
+    when the settings are the same (same fingerprint), else clear the folder and start afresh."""
+    key = {"run": run_name, "params": flat_params, "optim": asdict(optim), "epochs": epochs,
+           "trainer": {"precision": params.trainer.precision, "deterministic": params.trainer.deterministic}}
+    fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    if ckpt_dir is None:
+        return {"fingerprint": fingerprint}
+    marker, last = ckpt_dir / "resume.json", ckpt_dir / "last.ckpt"
+    try:
+        saved = json.loads(marker.read_text()) if marker.exists() else {}
+    except json.JSONDecodeError:
+        saved = {}
+    if last.exists() and saved.get("fingerprint") == fingerprint:
+        return {"fingerprint": fingerprint, "ckpt": str(last), "run_id": saved.get("run_id")}
+    for stale in (last, ckpt_dir / "best.ckpt", marker):
+        stale.unlink(missing_ok=True)
+    return {"fingerprint": fingerprint}
+
+
 def fit_and_evaluate(params: Params, net: torch.nn.Module, data: PreparedData, optim: Optim, *,
                      run_name: str, tags: dict[str, str], flat_params: dict[str, Any],
                      ckpt_dir: Optional[Path] = None, epochs: Optional[int] = None,
@@ -49,10 +72,19 @@ def fit_and_evaluate(params: Params, net: torch.nn.Module, data: PreparedData, o
     pruning, where earlier and denser checkpoints would flatter the result). `test=False` leaves
     the test split untouched (sweeps select on val only)."""
     module = Classifier(net, optim, data.num_classes)
-    run = make_trainer(params, run_name=run_name, tags=tags, epochs=epochs or optim.epochs,
-                       ckpt_dir=ckpt_dir, callbacks=callbacks, parent_run_id=parent_run_id)
-    run.logger.log_hyperparams(flat_params)
-    run.trainer.fit(module, datamodule=data)
+    epochs = epochs or optim.epochs
+    resume = find_resume(ckpt_dir, run_name, flat_params, optim, epochs, params)
+    run = make_trainer(params, run_name=run_name, tags=tags, epochs=epochs, ckpt_dir=ckpt_dir,
+                       callbacks=callbacks, parent_run_id=parent_run_id, run_id=resume.get("run_id"))
+    if resume.get("ckpt"):
+        run.logger.experiment.set_tag(run.logger.run_id, "resumed_from", resume["ckpt"])
+        print(f"resuming {run_name} from {resume['ckpt']} (MLflow run {run.logger.run_id})")
+    else:
+        run.logger.log_hyperparams(flat_params)
+        if ckpt_dir is not None:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            (ckpt_dir / "resume.json").write_text(json.dumps({"fingerprint": resume["fingerprint"], "run_id": run.logger.run_id}))
+    run.trainer.fit(module, datamodule=data, ckpt_path=resume.get("ckpt"))
     if select == "best" and run.checkpoint is not None and run.checkpoint.best_model_path:
         state = torch.load(run.checkpoint.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)

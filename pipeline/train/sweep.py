@@ -191,13 +191,16 @@ def run_worker(params: Params, target: str, name: str, storage_url: Optional[str
             study.tell(trial, state=TrialState.FAIL)
             continue
         beat = Heartbeat(storage, trial._trial_id, interval=max(1.0, s.stale_after_s / 4))
+        # Read per trial: when coordinators on two machines raced to create the parent run, the one
+        # recorded last in the study wins, and every trial nests under it.
+        parent = study.user_attrs.get("mlflow_parent_run_id", parent_run_id)
         try:
             method, adapter, lr = suggest(trial, params)
             stem = f"trial_{trial.number:04d}"
             row, _ = train_transfer(
                 params, target=target, method=method, precision="binary", seed=params.seeds[0], adapter=adapter,
                 optim=replace(params.transfer.optim, epochs=s.epochs, lr=lr), out=folder / "trials", stem=stem,
-                run_name=f"sweep-{target}-trial{trial.number}", parent_run_id=parent_run_id,
+                run_name=f"sweep-{target}-trial{trial.number}", parent_run_id=parent,
                 tags=run_tags("sweep_trial", target=target, method=method, precision="binary", study=name),
                 extra_params={"trial_number": trial.number, "study": name}, touch_test=False,
                 callbacks=[EarlyStopping(monitor="val_acc", mode="max", patience=s.patience, check_finite=True)],

@@ -54,6 +54,12 @@ class TimingCallback(Callback):
     def on_train_epoch_end(self, trainer, pl_module):
         self._close(trainer)
 
+    def state_dict(self) -> dict:  # saved in checkpoints, so a resumed run keeps its history
+        return {"history": [vars(r) for r in self.history]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = [EpochRecord(**r) for r in state.get("history", [])]
+
     @property
     def train_time_s(self) -> float:
         return sum(r.train_seconds for r in self.history)
@@ -112,7 +118,7 @@ def seed_everything(seed: int, params: Params) -> None:
 
 def make_trainer(params: Params, *, run_name: str, tags: dict[str, str], epochs: int,
                  ckpt_dir: Optional[Path] = None, callbacks: Optional[list[Callback]] = None,
-                 parent_run_id: Optional[str] = None) -> Run:
+                 parent_run_id: Optional[str] = None, run_id: Optional[str] = None) -> Run:
     t = params.trainer
     logger = MLFlowLogger(
         experiment_name=params.tracking.experiment,
@@ -120,7 +126,7 @@ def make_trainer(params: Params, *, run_name: str, tags: dict[str, str], epochs:
         tracking_uri=tracking_uri(params),  # explicit: Lightning's own default is a deprecated file store
         tags=tags,
         artifact_location=artifact_location(params),
-        run_id=start_child_run(params, parent_run_id, run_name, tags) if parent_run_id else None,
+        run_id=run_id or (start_child_run(params, parent_run_id, run_name, tags) if parent_run_id else None),
     )
     timing = TimingCallback()
     cbs: list[Callback] = [timing, *(callbacks or [])]

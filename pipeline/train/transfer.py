@@ -103,8 +103,7 @@ def train_transfer(params: Params, *, target: str, method: str, precision: str, 
         "classes": raw.manifest["classes"], "dataset_sha256": raw.manifest["sha256"],
         "memory": {"task": task.to_dict(), "adapter_bytes": adapter_mem.bytes, "packed": packed},
         "metrics": {k: row[k] for k in ("val_acc", "test_acc", "task_memory_bytes", "memory_ratio")},
-        "mlflow_run_id": result.run_id,
-    })
+    })  # no run id here: same params and seed give byte-identical adapter files
     result.log_metrics({k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
                         and k not in keys})
     for suffix in (".safetensors", ".json"):

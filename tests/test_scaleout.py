@@ -1,0 +1,114 @@
+"""Scale-out for real: a PostgreSQL server and an `mlflow server` on loopback, two sweep workers
+started as separate commands (as on two machines) against the postgresql:// Optuna storage and
+the server's HTTP tracking URI. Exactly N trials complete, and N child runs land in MLflow."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import BIN, make_project, run_cli, tiny_params
+
+pytestmark = pytest.mark.slow
+
+PG_BIN = next(iter(sorted(Path("/usr/lib/postgresql").glob("*/bin"))), None) if Path("/usr/lib/postgresql").exists() else None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def as_pg_user(args: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root: run its tools as the `postgres` user then."""
+    return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else args
+
+
+@pytest.fixture(scope="module")
+def postgres(tmp_path_factory):
+    if PG_BIN is None or not (PG_BIN / "initdb").exists():
+        pytest.skip("PostgreSQL server binaries not installed (.ci/run installs Debian's postgresql package)")
+    try:
+        import psycopg2  # noqa: F401
+    except ImportError:
+        pytest.skip("psycopg2 not installed (the dev extra installs psycopg2-binary)")
+    # Not under pytest's tmp folder: that one is private to root, and the server runs as `postgres`.
+    data = Path(tempfile.mkdtemp(prefix="pgdata-"))
+    if os.geteuid() == 0:
+        pw = pwd.getpwnam("postgres")
+        os.chown(data, pw.pw_uid, pw.pw_gid)
+    port = free_port()
+    subprocess.run(as_pg_user([str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"]),
+                   check=True, capture_output=True)
+    subprocess.run(as_pg_user([str(PG_BIN / "pg_ctl"), "-D", str(data), "-w", "-l", str(data / "log"),
+                               "-o", f"-p {port} -k {data} -h 127.0.0.1", "start"]), check=True, capture_output=True)
+    for db in ("optuna", "mlflow"):
+        subprocess.run(["psql", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-c", f"create database {db}"],
+                       check=True, capture_output=True)
+    yield f"postgresql://postgres@127.0.0.1:{port}"
+    subprocess.run(as_pg_user([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"]), capture_output=True)
+    shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(postgres, tmp_path_factory):
+    port = free_port()
+    art = tmp_path_factory.mktemp("artifacts")
+    proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"{postgres}/mlflow",
+                             "--artifacts-destination", str(art), "--host", "127.0.0.1", "--port", str(port),
+                             "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300  # the server imports a lot: ~20 s idle, minutes on a loaded 2-core box
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
+                break
+        except OSError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("mlflow server did not answer /health within 300 s")
+    yield url
+    os.killpg(proc.pid, 15)
+    proc.wait(timeout=30)
+
+
+def test_two_workers_postgres_and_mlflow_server(postgres, mlflow_server, tmp_path):
+    n = 4
+    params = tiny_params(**{"pretrain.precisions": ["binary"], "sweep.epochs": 1, "sweep.space.groups": [2],
+                            "sweep.space.placement": ["last:1", "last:2"], "sweep.space.bits": [4, 8]})
+    root = make_project(tmp_path / "proj", params)
+    run_cli([str(BIN / "dvc"), "repro", "pretrain@binary"], root, env={"MLFLOW_TRACKING_URI": mlflow_server})
+    storage = f"{postgres}/optuna"
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "MLFLOW_TRACKING_URI": mlflow_server}
+    cmd = ["pipeline", "sweep", "--target", "mnist_5to9", "--storage", storage, "--study-name", "scale", "--n-trials", str(n)]
+    workers = [subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for _ in range(2)]
+    outs = [w.communicate(timeout=900)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+
+    import optuna
+    from mlflow import MlflowClient
+
+    study = optuna.load_study(study_name="scale", storage=storage)
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == n
+    assert len({t.system_attrs["worker_pid"] for t in complete}) == 2  # both workers trained
+
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("bnn-adapters")
+    parent = study.user_attrs["mlflow_parent_run_id"]
+    children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
+    numbers = sorted(int(r.data.params["trial_number"]) for r in children)
+    assert numbers == sorted(t.number for t in complete)
