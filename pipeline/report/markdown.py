@@ -31,7 +31,7 @@ def accuracy_section(inputs: Inputs, max_ratio: float) -> tuple[str, pd.DataFram
     rows, lines = [], []
     for t in inputs.targets:
         best = best_adapter(inputs, t, max_ratio)
-        base = {m: baseline(cfg, t, m, p) for m, p in (("full", "binary"), ("full", "fp32"), ("head", "binary"))}
+        base = {(m, p): baseline(cfg, t, m, p) for m, p in (("full", "binary"), ("full", "fp32"), ("head", "binary"))}
         acc = {k: (v.test_acc if v is not None else None) for k, v in base.items()}
         b = best.test_acc if best is not None else None
         rows.append({
@@ -87,6 +87,9 @@ def size_section(inputs: Inputs, band: tuple[float, float]) -> tuple[str, pd.Dat
                      "smallest within 3 pts": pct(r[3], 2), "within 3 pts vs band": band_position(r[3], *band)})
         if t not in inputs.pareto:
             lines.append(f"- **{t}**: no sweep results (run `dvc repro sweep@{t}`).")
+            continue
+        if full is None:
+            lines.append(f"- **{t}**: binary full finetune was not run (transfer.methods), so there is no reference accuracy.")
             continue
         for k in (1, 3):
             h = hits[k]
