@@ -176,4 +176,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     except (UserError, EnvironmentFailure) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Exception as exc:
+        # A tracking server or database that cannot be reached is the environment, not a bug: one line, exit 1.
+        if type(exc).__module__.split(".")[0] in ("mlflow", "requests", "urllib3", "sqlalchemy", "psycopg"):
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            print(f"error: {type(exc).__name__}: {first[:300]}", file=sys.stderr)
+            return 1
+        raise
     return 0

@@ -125,14 +125,22 @@ class Optim:
 class Trainer:
     """Hardware and reproducibility, passed to Lightning as is."""
 
-    accelerator: str = "cpu"
-    devices: Any = 1
-    strategy: str = "auto"
-    precision: str = "32-true"
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"] = "cpu"
+    devices: Union[int, str, list[int]] = 1  # a count, "auto", -1 (all) or a list of device indices
+    strategy: str = "auto"  # auto, ddp, ddp_spawn, fsdp, deepspeed, ... (Lightning's names)
+    precision: Literal["32-true", "32", "64-true", "64", "16-mixed", "bf16-mixed", "16-true", "bf16-true"] = "32-true"
     deterministic: bool = True
     num_workers: int = field(default=0, metadata=_range(ge=0))
     progress_bar: bool = True
     threads: int = field(default=0, metadata=_range(ge=0))  # torch threads; 0 = torch's default
+
+    def check(self, path: str) -> None:
+        d = self.devices
+        if isinstance(d, str) and d != "auto" or isinstance(d, int) and d < 1 and d != -1 \
+                or isinstance(d, list) and (not d or min(d) < 0):
+            raise ParamsError(f"{path}.devices: {d!r} is not allowed; allowed: a count >= 1, -1 (all), 'auto' or a list of device indices")
+        if not self.strategy.replace("_", "").isalnum():
+            raise ParamsError(f"{path}.strategy: {self.strategy!r} is not a strategy name; allowed: auto, ddp, ddp_spawn, fsdp, ...")
 
 
 @dataclass(frozen=True)
@@ -252,6 +260,17 @@ class Tracking:
     uri: Optional[str] = None  # None: MLFLOW_TRACKING_URI, else sqlite:///<project root>/mlflow.db
     experiment: str = "bnn-adapters"
 
+    SCHEMES = ("file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
+
+    def check(self, path: str) -> None:
+        if self.uri is not None:
+            scheme = self.uri.split("://", 1)[0].split("+", 1)[0] if "://" in self.uri else ""
+            if scheme not in self.SCHEMES:
+                raise ParamsError(f"{path}.uri: {self.uri!r} is not a tracking URI; allowed: null or a URI with scheme "
+                                  f"{', '.join(self.SCHEMES)}")
+        if not self.experiment.strip():
+            raise ParamsError(f"{path}.experiment: empty; give an experiment name")
+
 
 @dataclass(frozen=True)
 class Params:
@@ -269,6 +288,11 @@ class Params:
     def check(self, path: str) -> None:
         if not self.seeds:
             raise ParamsError("seeds: empty list; give at least one seed")
+        for i, seed in enumerate(self.seeds):
+            if not 0 <= seed < 2**32:
+                raise ParamsError(f"seeds[{i}]: {seed} is out of range; allowed: 0 <= seed < 2**32")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ParamsError(f"seeds: {self.seeds} repeats a seed")
         if self.pretrain.source not in self.data.datasets:
             raise ParamsError(
                 f"pretrain.source: '{self.pretrain.source}' is not a dataset in data.datasets; "

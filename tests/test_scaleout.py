@@ -39,9 +39,9 @@ def postgres(tmp_path_factory):
     if PG_BIN is None or not (PG_BIN / "initdb").exists():
         pytest.skip("PostgreSQL server binaries not installed (.ci/run installs Debian's postgresql package)")
     try:
-        import psycopg2  # noqa: F401
+        import psycopg  # noqa: F401
     except ImportError:
-        pytest.skip("psycopg2 not installed (the dev extra installs psycopg2-binary)")
+        pytest.skip("psycopg not installed (the dev extra installs psycopg[binary])")
     # Not under pytest's tmp folder: that one is private to root, and the server runs as `postgres`.
     data = Path(tempfile.mkdtemp(prefix="pgdata-"))
     if os.geteuid() == 0:

@@ -19,7 +19,10 @@ def save_base(net: Backbone, path: Path) -> str:
 
 
 def sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: base model not found; run `pipeline pretrain` (or `dvc repro pretrain`) first")
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def load_base(path: Path) -> Backbone:

@@ -58,9 +58,7 @@ def find_resume(ckpt_dir: Optional[Path], run_name: str, flat_params: dict, opti
         saved = {}
     if last.exists() and saved.get("fingerprint") == fingerprint:
         return {"fingerprint": fingerprint, "ckpt": str(last), "run_id": saved.get("run_id")}
-    for stale in (last, ckpt_dir / "best.ckpt", marker):
-        stale.unlink(missing_ok=True)
-    return {"fingerprint": fingerprint}
+    return {"fingerprint": fingerprint, "stale": [last, ckpt_dir / "best.ckpt", marker]}
 
 
 def fit_and_evaluate(params: Params, net: torch.nn.Module, data: PreparedData, optim: Optim, *,
@@ -80,6 +78,8 @@ def fit_and_evaluate(params: Params, net: torch.nn.Module, data: PreparedData, o
         run.logger.experiment.set_tag(run.logger.run_id, "resumed_from", resume["ckpt"])
         print(f"resuming {run_name} from {resume['ckpt']} (MLflow run {run.logger.run_id})")
     else:
+        for stale in resume.get("stale", []):  # only now: a bad trainer setting must not cost the checkpoints
+            stale.unlink(missing_ok=True)
         run.logger.log_hyperparams(flat_params)
         if ckpt_dir is not None:
             ckpt_dir.mkdir(parents=True, exist_ok=True)

@@ -50,7 +50,9 @@ def open_storage(url: Optional[str], folder: Path):
             from optuna.storages.journal import JournalFileBackend
 
             folder.mkdir(parents=True, exist_ok=True)
-            return JournalStorage(JournalFileBackend(str(folder / "optuna.journal")))
+            # Absolute: Optuna's lock is a symlink to this path, and a relative target dangles, so a
+            # lock left by a killed worker could never be judged stale.
+            return JournalStorage(JournalFileBackend(str((folder / "optuna.journal").resolve())))
         if "://" not in url:
             raise UserError(f"sweep.storage: '{url}' is not a storage URL; allowed: null (journal file) or an RDB URL "
                             f"such as postgresql://user:pass@host/db or sqlite:///sweep.db")
@@ -108,8 +110,12 @@ class Heartbeat:
         while not self._stop.wait(self.interval):
             try:
                 self._beat()
-            except Exception:  # the trial finished meanwhile
-                return
+            except Exception:  # finished (stop beating) or a passing storage error (beat again later)
+                try:
+                    if self.storage.get_trial(self.trial_id).state.is_finished():
+                        return
+                except Exception:
+                    pass
 
     def stop(self) -> None:
         self._stop.set()
@@ -194,6 +200,7 @@ def run_worker(params: Params, target: str, name: str, storage_url: Optional[str
         # Read per trial: when coordinators on two machines raced to create the parent run, the one
         # recorded last in the study wins, and every trial nests under it.
         parent = study.user_attrs.get("mlflow_parent_run_id", parent_run_id)
+        result: dict[str, Any] = {}
         try:
             method, adapter, lr = suggest(trial, params)
             stem = f"trial_{trial.number:04d}"
@@ -207,19 +214,28 @@ def run_worker(params: Params, target: str, name: str, storage_url: Optional[str
                 base_bytes=base_bytes,
             )
             shutil.rmtree(folder / "trials" / "checkpoints" / stem, ignore_errors=True)
-            for key in ("val_acc", "task_memory_bytes", "adapter_memory_bytes", "memory_ratio", "sparsity",
-                        "train_time_s", "epochs_run"):
-                storage.set_trial_user_attr(trial._trial_id, key, row[key])
-            storage.set_trial_user_attr(trial._trial_id, "adapter", str(folder / "trials" / f"{stem}.safetensors"))
-            beat.stop()
-            study.tell(trial, [row["val_acc"], row["task_memory_bytes"]])
+            result = {key: row[key] for key in ("val_acc", "task_memory_bytes", "adapter_memory_bytes", "memory_ratio",
+                                                 "sparsity", "train_time_s", "epochs_run")}
+            result["adapter"] = str(folder / "trials" / f"{stem}.safetensors")
         except (UserError, RuntimeError, ValueError) as exc:  # invalid combination, diverged training
+            result = {"fail_reason": str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__}
+        finally:
             beat.stop()
-            reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-            storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
-            study.tell(trial, state=TrialState.FAIL)
-            print(f"trial {trial.number} failed: {reason}")
         ran += 1
+        try:
+            if storage.get_trial(trial._trial_id).state != TrialState.RUNNING:
+                raise optuna.exceptions.UpdateFinishedTrialError("failed meanwhile")
+            for key, value in result.items():
+                storage.set_trial_user_attr(trial._trial_id, key, value)
+            if "fail_reason" in result:
+                study.tell(trial, state=TrialState.FAIL)
+                print(f"trial {trial.number} failed: {result['fail_reason']}")
+            else:
+                study.tell(trial, [result["val_acc"], result["task_memory_bytes"]])
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # Another worker judged this trial stale (late heartbeat) and failed it; it counts as
+            # failed, and the quota loop runs a replacement.
+            print(f"trial {trial.number}: marked failed by another worker meanwhile; its result is discarded")
 
 
 def _spawned_worker(params, target, name, storage_url, folder, worker, parent_run_id) -> None:

@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressB
 from lightning.pytorch.loggers import MLFlowLogger
 
 from pipeline.config import Params
+from pipeline.errors import UserError
 from pipeline.train.tracking import artifact_location, start_child_run, tracking_uri
 
 
@@ -137,20 +138,25 @@ def make_trainer(params: Params, *, run_name: str, tags: dict[str, str], epochs:
         cbs.append(ckpt)
     if t.progress_bar:
         cbs.append(TQDMProgressBar(refresh_rate=10))
-    trainer = L.Trainer(
-        max_epochs=epochs,
-        accelerator=t.accelerator,
-        devices=t.devices,
-        strategy=t.strategy,
-        precision=t.precision,
-        deterministic=t.deterministic,
-        logger=logger,
-        callbacks=cbs,
-        enable_checkpointing=ckpt is not None,
-        enable_progress_bar=t.progress_bar,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        log_every_n_steps=1,
-        default_root_dir=str(ckpt_dir) if ckpt_dir else None,
-    )
+    try:
+        trainer = L.Trainer(
+            max_epochs=epochs,
+            accelerator=t.accelerator,
+            devices=t.devices,
+            strategy=t.strategy,
+            precision=t.precision,
+            deterministic=t.deterministic,
+            logger=logger,
+            callbacks=cbs,
+            enable_checkpointing=ckpt is not None,
+            enable_progress_bar=t.progress_bar,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            log_every_n_steps=1,
+            default_root_dir=str(ckpt_dir) if ckpt_dir else None,
+        )
+    except (ValueError, TypeError, RuntimeError) as exc:  # Lightning rejects the hardware settings
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"trainer: {first[:300]} (accelerator={t.accelerator!r}, devices={t.devices!r}, "
+                        f"strategy={t.strategy!r}, precision={t.precision!r})") from None
     return Run(trainer, logger, timing, ckpt)
