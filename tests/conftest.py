@@ -69,6 +69,65 @@ def make_project(dest: Path, params: dict) -> Path:
     return dest
 
 
+def run_in_process(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """`pipeline ARGV` inside this interpreter (no 10 s of imports per call): exit code, stdout
+    and stderr as a subprocess would give them; an escaping exception prints its traceback."""
+    import contextlib
+    import io
+    import traceback
+
+    from pipeline.cli import main
+
+    out, err, old = io.StringIO(), io.StringIO(), Path.cwd()
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(argv)
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(old)
+    return subprocess.CompletedProcess(["pipeline", *argv], code, out.getvalue(), err.getvalue())
+
+
+def copy_project(src: Path, dest: Path) -> Path:
+    """A private copy of a built project (git, DVC cache and outputs included)."""
+    shutil.copytree(src, dest, symlinks=True)
+    return dest
+
+
+# The one fully built tiny pipeline that the slow tests share (built once per session):
+# every stage of dvc.yaml on tiny params, with a 2-trial sweep.
+BUILT_PARAMS = tiny_params(**{"sweep.n_trials": 2, "sweep.epochs": 1, "sweep.space.placement": ["last:1", "last:2"],
+                              "sweep.space.groups": [2], "sweep.space.bits": [4, 8]})
+
+
+@pytest.fixture(scope="session")
+def built_project(tmp_path_factory) -> tuple[Path, str, str]:
+    """(root, stdout of the first `dvc repro`, stdout of a second one). Treat it as read-only:
+    tests that change files work on `copy_project(root, ...)`."""
+    root = make_project(tmp_path_factory.mktemp("built"), BUILT_PARAMS)
+    first = run_cli([str(BIN / "dvc"), "repro"], root)
+    second = run_cli([str(BIN / "dvc"), "repro"], root)
+    return root, first.stdout, second.stdout
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Unit tests use tiny tensors: one intra-op thread is as fast and immune to a busy 2-core
+    machine. (Subprocesses, i.e. the pipeline runs, set their own threads from params.)"""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def tiny() -> dict:
     return copy.deepcopy(tiny_params())

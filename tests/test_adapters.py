@@ -31,15 +31,6 @@ from pipeline.train.datamodule import PreparedData
 from pipeline.train.fit import fit_and_evaluate
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread is as fast and immune to a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # width 4: stem 4 channels, blocks 4->4, 4->8, 8->8, 8->16, 16->16 (12 -> 6 -> 3 -> 1 pixels)
 ARCH = Arch("bnn_vgg_small", "binary", 3, in_channels=1, input_size=12, width=4)
 

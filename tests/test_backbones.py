@@ -11,14 +11,6 @@ from pipeline.nn.backbones import BACKBONES, Arch, BiRealBlock, ConvBlock, build
 from pipeline.nn.binary import QuantConv2d
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread is as fast and immune to a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 PRECISIONS = ["binary", "fp32"]
 
 

@@ -11,15 +11,6 @@ import torch.nn.functional as F
 from pipeline.nn.binary import QuantConv2d, clip_latent_weights, precision_of, relu, ste_sign
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread is as fast and immune to a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------------------------- ste_sign
 
 

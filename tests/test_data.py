@@ -24,15 +24,6 @@ from pipeline.data.registry import SOURCES
 from pipeline.errors import UserError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread is as fast and immune to a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ------------------------------------------------------------------------- stratified_split
 
 

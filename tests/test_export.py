@@ -16,14 +16,6 @@ from pipeline.nn.binary import QuantConv2d
 from pipeline.nn.export import MAGIC, export_packed, load_packed_into, read_packed
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread is as fast and immune to a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 ARCH = Arch("bnn_vgg_small", "binary", 5, in_channels=1, input_size=28)  # default width 32
 
 

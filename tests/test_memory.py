@@ -14,15 +14,6 @@ from pipeline.nn.binary import QuantConv2d, ste_sign
 from pipeline.nn.memory import index_bits, memory_report, sparse_bits, storage_plan
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny tensors: one intra-op thread is as fast and immune to a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ------------------------------------------------------------------------------ single layers
 
 

@@ -10,17 +10,14 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from conftest import BIN, make_project, run_cli, tiny_params
+from conftest import run_cli
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> tuple[Path, str, str]:
-    root = make_project(tmp_path_factory.mktemp("proj"), tiny_params())
-    first = run_cli([str(BIN / "dvc"), "repro"], root)
-    second = run_cli([str(BIN / "dvc"), "repro"], root)
-    return root, first.stdout, second.stdout
+def project(built_project) -> tuple[Path, str, str]:
+    return built_project
 
 
 def test_repro_writes_every_output(project):
@@ -44,6 +41,20 @@ def test_repro_writes_every_output(project):
     adapters = results[results.method.isin(["serial", "parallel"])]
     assert (adapters.sparsity > 0.45).all()  # pruned to 0.5 per layer (rounding per layer)
     assert (results.memory_ratio == results.task_memory_bytes / results.base_memory_bytes).all()
+
+
+def test_sweep_and_report_outputs(project):
+    root, _, _ = project
+    sweep = json.loads((root / "reports/metrics/sweep_mnist_5to9.json").read_text())
+    assert sweep["complete"] == 2 and 1 <= sweep["pareto_size"] <= 2
+    trials = pd.read_csv(root / "reports/sweep/mnist_5to9/trials.csv")
+    assert (trials.state == "COMPLETE").sum() == 2
+    report = (root / "reports/report.md").read_text()
+    for heading in ("## 1. Accuracy", "## 2. Training time", "## 3. Size", "## Where the time goes"):
+        assert heading in report
+    for png in ("accuracy_vs_memory_mnist_5to9", "training_time", "learning_curves", "storage_for_tasks"):
+        assert (root / "reports/plots" / f"{png}.png").stat().st_size > 10_000
+        assert f"plots/{png}.png" in report
 
 
 def test_second_repro_does_nothing(project):
@@ -71,6 +82,9 @@ def test_mlflow_runs_read_back(project):
     for r in runs:
         by_stage.setdefault(r.data.tags["stage"], []).append(r)
     assert len(by_stage["pretrain"]) == 2 and len(by_stage["transfer"]) == 5
+    assert len(by_stage["sweep"]) == 1 and len(by_stage["sweep_trial"]) == 2
+    parent = by_stage["sweep"][0].info.run_id
+    assert all(r.data.tags["mlflow.parentRunId"] == parent for r in by_stage["sweep_trial"])
     pre = next(r for r in by_stage["pretrain"] if r.data.tags["precision"] == "binary")
     card = json.loads((root / "models/base/binary/card.json").read_text())
     assert pre.data.metrics["test_acc"] == pytest.approx(card["metrics"]["test_acc"], abs=5e-5)

@@ -24,7 +24,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from conftest import BIN, make_project, run_cli, tiny_params
+from conftest import BIN, copy_project, run_cli, tiny_params
 
 pytestmark = pytest.mark.slow
 
@@ -120,12 +120,13 @@ def _area(points: list[tuple[float, float]], ref_a: float, ref_m: float) -> floa
 
 
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> dict:
-    params = tiny_params(**{"transfer.methods": ["head"], "pretrain.precisions": ["binary"], "sweep.epochs": 1,
-                            "sweep.patience": 1, "sweep.stale_after_s": 5, "sweep.space": copy.deepcopy(SPACE)})
-    root = make_project(tmp_path_factory.mktemp("sweep"), params)
-    # pretrain@binary pulls in prepare@mnist_0to4 (its source); the sweep target is prepared too
-    run_cli([str(BIN / "dvc"), "repro", "pretrain@binary", f"prepare@{TARGET}"], root)
+def project(built_project, tmp_path_factory) -> dict:
+    """A copy of the session's built project (prepared target, binary base) with this file's
+    sweep settings in its params.yaml."""
+    params = tiny_params(**{"sweep.epochs": 1, "sweep.patience": 1, "sweep.stale_after_s": 5,
+                            "sweep.space": copy.deepcopy(SPACE)})
+    root = copy_project(built_project[0], tmp_path_factory.mktemp("sweep") / "proj")
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     # longer trials for the tests that must catch a trial RUNNING or see two workers overlap
     slow = copy.deepcopy(params)
     slow["sweep"]["epochs"] = 15
