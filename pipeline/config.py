@@ -237,6 +237,7 @@ class Sweep:
     epochs: int = field(default=3, metadata=_range(ge=1))
     patience: int = field(default=2, metadata=_range(ge=1))  # early stopping on val accuracy
     stale_after_s: int = field(default=60, metadata=_range(ge=1))  # RUNNING trial without heartbeat
+    max_failures_in_a_row: int = field(default=10, metadata=_range(ge=1))  # then stop: something is wrong beyond one trial
     reference_accuracy: float = field(default=0.0, metadata=_range(ge=0, le=1))  # hypervolume reference point
     reference_memory_pct: float = field(default=100.0, metadata=_range(gt=0))
     space: SearchSpace = SearchSpace()

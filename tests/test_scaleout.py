@@ -89,7 +89,8 @@ def test_two_workers_postgres_and_mlflow_server(postgres, mlflow_server, tmp_pat
     params = tiny_params(**{"pretrain.precisions": ["binary"], "sweep.epochs": 1, "sweep.space.groups": [2],
                             "sweep.space.placement": ["last:1", "last:2"], "sweep.space.bits": [4, 8]})
     root = make_project(tmp_path / "proj", params)
-    run_cli([str(BIN / "dvc"), "repro", "pretrain@binary"], root, env={"MLFLOW_TRACKING_URI": mlflow_server})
+    run_cli([str(BIN / "dvc"), "repro", "pretrain@binary", "prepare@mnist_5to9"], root,
+            env={"MLFLOW_TRACKING_URI": mlflow_server})
     storage = f"{postgres}/optuna"
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "MLFLOW_TRACKING_URI": mlflow_server}
     cmd = ["pipeline", "sweep", "--target", "mnist_5to9", "--storage", storage, "--study-name", "scale", "--n-trials", str(n)]

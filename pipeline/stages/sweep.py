@@ -54,6 +54,7 @@ def run(params: Params, target: str, n_trials: Optional[int] = None, workers: Op
     storage = storage or s.storage
     folder = SWEEP_DIR / target
     base_sha = sha256(BASE_DIR / "binary" / "model.pt")
+    PreparedData(PREPARED / target, 1)  # the target must be prepared (and intact) before any trial
     name = name or s.study_name or study_name(params, target, base_sha)
     study = create_study(params, target, name, storage, folder)
     parent = parent_run(params, study, target)

@@ -180,7 +180,7 @@ def run_worker(params: Params, target: str, name: str, storage_url: Optional[str
     n, s = params.sweep.n_trials, params.sweep
     params = replace(params, trainer=replace(params.trainer, progress_bar=False))  # trials are many and short
     base_bytes = base_memory_bytes()
-    ran = 0
+    ran, failed_in_a_row = 0, 0
     while True:
         fail_stale_trials(study, storage, s.stale_after_s)
         complete, running = _counts(study)
@@ -230,7 +230,12 @@ def run_worker(params: Params, target: str, name: str, storage_url: Optional[str
             if "fail_reason" in result:
                 study.tell(trial, state=TrialState.FAIL)
                 print(f"trial {trial.number} failed: {result['fail_reason']}")
+                failed_in_a_row += 1
+                if failed_in_a_row >= s.max_failures_in_a_row:
+                    raise UserError(f"sweep: {failed_in_a_row} trials failed in a row (sweep.max_failures_in_a_row); "
+                                    f"last reason: {result['fail_reason']}")
             else:
+                failed_in_a_row = 0
                 study.tell(trial, [result["val_acc"], result["task_memory_bytes"]])
         except optuna.exceptions.UpdateFinishedTrialError:
             # Another worker judged this trial stale (late heartbeat) and failed it; it counts as
@@ -239,7 +244,13 @@ def run_worker(params: Params, target: str, name: str, storage_url: Optional[str
 
 
 def _spawned_worker(params, target, name, storage_url, folder, worker, parent_run_id) -> None:
-    run_worker(params, target, name, storage_url, folder, worker, parent_run_id)
+    import sys
+
+    try:
+        run_worker(params, target, name, storage_url, folder, worker, parent_run_id)
+    except (UserError, EnvironmentFailure) as exc:
+        print(f"error: worker {worker}: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
 
 
 def run_workers(params: Params, target: str, name: str, storage_url: Optional[str], folder: Path,
@@ -258,7 +269,8 @@ def run_workers(params: Params, target: str, name: str, storage_url: Optional[st
         p.join()
     bad = [p.exitcode for p in procs if p.exitcode != 0]
     if bad:
-        raise EnvironmentFailure(f"sweep: {len(bad)} of {workers} workers exited with codes {bad}")
+        kind = UserError if set(bad) == {2} else EnvironmentFailure
+        raise kind(f"sweep: {len(bad)} of {workers} workers stopped (exit codes {bad}); their messages are above")
 
 
 def create_study(params: Params, target: str, name: str, storage_url: Optional[str], folder: Path) -> optuna.Study:
