@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from pipeline.report.analysis import ADAPTERS, Inputs, baseline, per_config  # noqa: E402
 
@@ -54,6 +55,7 @@ def accuracy_vs_memory(inputs: Inputs, target: str, band: tuple[float, float], o
             ax.axhline(full.test_acc, color="tab:blue" if precision == "binary" else "tab:purple", ls=ls, lw=1,
                        label=f"full finetune ({precision}): {full.test_acc:.1%}")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}%"))
     ax.set_xlabel("task-specific memory (% of the binary base, log scale)")
     ax.set_ylabel("test accuracy (fraction)")
     ax.set_title(f"Accuracy vs task memory on target '{target}'")
@@ -75,7 +77,8 @@ def training_time(inputs: Inputs, out: Path, dpi: int) -> Path:
             rows = cfg[(cfg.target == t) & (cfg.method == key[0]) & (cfg.precision == key[1])]
             means.append(rows.train_time_s.mean() if len(rows) else np.nan)
             stds.append(rows.train_time_s_std.mean() if len(rows) else 0.0)
-        ax.bar(np.arange(len(targets)) + i * width, means, width, yerr=stds, capsize=3, color=colour, label=label)
+        errors = stds if any(sd > 0 for sd in stds) else None  # no flat caps for single-seed bars
+        ax.bar(np.arange(len(targets)) + i * width, means, width, yerr=errors, capsize=3, color=colour, label=label)
     ax.set_xticks(np.arange(len(targets)) + width * (len(keys) - 1) / 2, targets)
     ax.set_ylabel("training time (s, excluding validation)")
     ax.set_title("Training time per method and target (error bars: std across seeds)")
@@ -121,6 +124,7 @@ def storage_for_tasks(inputs: Inputs, n_max: int, out: Path, dpi: int) -> Path:
             ax.plot(n, (inputs.base_bytes + n * task) / kib, marker + "-", color=colour,
                     label=f"binary base + N x {label} ({task / kib:.1f} KiB each)")
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xlabel("number of target tasks N")
     ax.set_ylabel("storage (KiB, log scale)")
     ax.set_title("Storage for N tasks: one shared binary base + task states vs full copies")
