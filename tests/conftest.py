@@ -69,6 +69,29 @@ def make_project(dest: Path, params: dict) -> Path:
     return dest
 
 
+def backbone_with_bn_stats(arch, seed: int = 0, batch: int = 8):
+    """A backbone whose BNs hold non-trivial affine parameters and running statistics (a few
+    train-mode passes on random data), in eval mode: what export and adapter tests start from."""
+    import torch
+    import torch.nn as nn
+
+    from pipeline.nn.backbones import build_backbone
+
+    torch.manual_seed(seed)
+    net = build_backbone(arch)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+        net.train()
+        for _ in range(3):
+            net(torch.randn(batch, arch.in_channels, arch.input_size, arch.input_size, generator=g) * 2 + 0.5)
+    net.eval()
+    return net
+
+
 def run_in_process(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """`pipeline ARGV` inside this interpreter (no 10 s of imports per call): exit code, stdout
     and stderr as a subprocess would give them; an escaping exception prints its traceback."""

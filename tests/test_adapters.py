@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
+from conftest import backbone_with_bn_stats
 from pipeline.config import Optim, parse_params
 from pipeline.data.prepare import prepare_dataset
 from pipeline.errors import UserError
@@ -37,18 +38,8 @@ ARCH = Arch("bnn_vgg_small", "binary", 3, in_channels=1, input_size=12, width=4)
 
 def _make_base(arch: Arch = ARCH, seed: int = 0, size: int = 12):
     """A binary backbone whose BNs hold non-trivial affine parameters and running statistics."""
-    torch.manual_seed(seed)
-    net = build_backbone(arch)
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.3)
-        net.train()
-        for _ in range(3):
-            net(torch.randn(8, arch.in_channels, size, size, generator=g) * 2 + 0.5)
-    net.eval()
+    assert size == arch.input_size
+    net = backbone_with_bn_stats(arch, seed, batch=8)
     for m in net.modules():
         if isinstance(m, nn.BatchNorm2d):  # the statistics really moved away from (0, 1)
             assert m.running_mean.abs().sum() > 0 and not torch.equal(m.running_var, torch.ones_like(m.running_var))

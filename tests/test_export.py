@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from conftest import backbone_with_bn_stats
 from pipeline.errors import UserError
 from pipeline.nn.backbones import Arch, build_backbone
 from pipeline.nn.binary import QuantConv2d
@@ -22,19 +23,7 @@ ARCH = Arch("bnn_vgg_small", "binary", 5, in_channels=1, input_size=28)  # defau
 @pytest.fixture
 def source_model():
     """A binary VGG whose BNs hold non-trivial running statistics and affine parameters."""
-    torch.manual_seed(0)
-    net = build_backbone(ARCH)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.3)
-        net.train()
-        for _ in range(3):
-            net(torch.randn(16, 1, 28, 28, generator=g) * 2 + 0.5)
-    net.eval()
-    return net
+    return backbone_with_bn_stats(ARCH, seed=0, batch=16)
 
 
 def _binary_convs(net):
