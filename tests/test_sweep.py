@@ -441,6 +441,37 @@ def test_worker_survives_its_trial_being_failed_as_stale(in_process, monkeypatch
     assert len(_complete(study)) == 2
 
 
+def test_only_the_study_creator_makes_the_parent_run(in_process, tmp_path):
+    """Two coordinators started together (two machines, one storage): the unique study name makes
+    one the creator; the other waits for the creator's parent run instead of making a second one."""
+    import threading
+
+    from pipeline.stages.sweep import parent_run
+    from pipeline.train.sweep import create_study
+
+    root, params = in_process
+    folder = tmp_path / "sweep"
+    study_a, created_a = create_study(params, TARGET, "coord-test", None, folder)
+    study_b, created_b = create_study(params, TARGET, "coord-test", None, folder)
+    assert (created_a, created_b) == (True, False)
+    got = {}
+    waiter = threading.Thread(target=lambda: got.setdefault("b", parent_run(params, study_b, TARGET, created_b, wait_s=60)))
+    waiter.start()
+    time.sleep(1.5)  # the non-creator is waiting now, with nothing recorded yet
+    assert "b" not in got
+    got["a"] = parent_run(params, study_a, TARGET, created_a)
+    waiter.join(timeout=60)
+    assert got["a"] == got["b"]
+    client = MlflowClient("sqlite:///" + str(root / "mlflow.db"))
+    exp = client.get_experiment_by_name("bnn-adapters")
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.study = 'coord-test' and tags.stage = 'sweep'")
+    assert [r.info.run_id for r in runs] == [got["a"]]
+    # A study whose creator died before recording a parent: after the wait, adopt the tagged run.
+    orphan, created = create_study(params, TARGET, "coord-test", None, folder)
+    orphan.set_user_attr("mlflow_parent_run_id", "")
+    assert parent_run(params, orphan, TARGET, created, wait_s=0.5) == got["a"]
+
+
 # ------------------------------------------------------------------------------ 6. MLflow parent / child runs
 
 

@@ -24,18 +24,26 @@ from pipeline.train.tracking import client, experiment_id, run_tags
 SWEEP_DIR = Path("reports/sweep")
 
 
-def parent_run(params: Params, study, target: str) -> str:
+def parent_run(params: Params, study, target: str, created: bool, wait_s: float = 60.0) -> str:
     """The sweep's MLflow parent run, recorded in the study itself, so resumed runs and workers on
-    other machines nest their trials under the same one."""
-    known = study.user_attrs.get("mlflow_parent_run_id")
+    other machines nest their trials under the same one. Only the study's creator makes it; the
+    others wait for it to be recorded, so simultaneous coordinators never make two."""
+    key = "mlflow_parent_run_id"
+    known = study.user_attrs.get(key)
+    deadline = time.monotonic() + (0 if created else wait_s)
+    while not known and time.monotonic() < deadline:
+        time.sleep(0.5)
+        known = study.user_attrs.get(key)
     if known:
         return known
+    # Creator, or a study whose creator died before recording one: adopt a tagged run or make one.
     c = client(params)
     exp = experiment_id(params)
-    found = c.search_runs([exp], filter_string=f"tags.study = '{study.study_name}' and tags.stage = 'sweep'", max_results=1)
+    found = c.search_runs([exp], filter_string=f"tags.study = '{study.study_name}' and tags.stage = 'sweep'",
+                          max_results=1, order_by=["attributes.start_time ASC"])
     run_id = found[0].info.run_id if found else \
         c.create_run(exp, run_name=f"sweep-{target}", tags=run_tags("sweep", target=target, study=study.study_name)).info.run_id
-    study.set_user_attr("mlflow_parent_run_id", run_id)
+    study.set_user_attr(key, run_id)
     return run_id
 
 
@@ -56,13 +64,10 @@ def run(params: Params, target: str, n_trials: Optional[int] = None, workers: Op
     base_sha = sha256(BASE_DIR / "binary" / "model.pt")
     PreparedData(PREPARED / target, 1)  # the target must be prepared (and intact) before any trial
     name = name or s.study_name or study_name(params, target, base_sha)
-    study = create_study(params, target, name, storage, folder)
-    parent = parent_run(params, study, target)
+    study, created = create_study(params, target, name, storage, folder)
+    parent = parent_run(params, study, target, created)
     run_workers(params, target, name, storage, folder, s.workers, parent)
-    final = study.user_attrs.get("mlflow_parent_run_id", parent)
-    if final != parent:  # lost a creation race with another machine's coordinator: drop the empty run
-        client(params).delete_run(parent)
-        parent = final
+    parent = study.user_attrs.get("mlflow_parent_run_id", parent)
 
     trials = pd.DataFrame(trial_rows(study))
     trials.to_csv(folder / "trials.csv", index=False)

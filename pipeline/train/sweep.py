@@ -56,12 +56,27 @@ def open_storage(url: Optional[str], folder: Path):
         if "://" not in url:
             raise UserError(f"sweep.storage: '{url}' is not a storage URL; allowed: null (journal file) or an RDB URL "
                             f"such as postgresql://user:pass@host/db or sqlite:///sweep.db")
-        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        return _open_rdb(url)
     except UserError:
         raise
     except Exception as exc:  # unreachable server, missing driver, bad credentials
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise EnvironmentFailure(f"sweep storage {url}: cannot be opened ({first[:200]})") from None
+
+
+def _open_rdb(url: str, attempts: int = 8):
+    """Workers started together on an empty database race to create Optuna's tables, and the
+    losers get a duplicate-key error from the catalog; on retry they find the tables made."""
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        except (IntegrityError, ProgrammingError) as exc:
+            text = str(exc).lower()
+            if attempt == attempts - 1 or not ("duplicate" in text or "already exists" in text):
+                raise
+            time.sleep(0.25 * (attempt + 1))
 
 
 def make_sampler(params: Params, worker: int, existing: int = 0) -> optuna.samplers.BaseSampler:
@@ -197,8 +212,7 @@ def run_worker(params: Params, target: str, name: str, storage_url: Optional[str
             study.tell(trial, state=TrialState.FAIL)
             continue
         beat = Heartbeat(storage, trial._trial_id, interval=max(1.0, s.stale_after_s / 4))
-        # Read per trial: when coordinators on two machines raced to create the parent run, the one
-        # recorded last in the study wins, and every trial nests under it.
+        # Read per trial, so trials nest under the parent the study records even if it changed.
         parent = study.user_attrs.get("mlflow_parent_run_id", parent_run_id)
         result: dict[str, Any] = {}
         try:
@@ -273,12 +287,24 @@ def run_workers(params: Params, target: str, name: str, storage_url: Optional[st
         raise kind(f"sweep: {len(bad)} of {workers} workers stopped (exit codes {bad}); their messages are above")
 
 
-def create_study(params: Params, target: str, name: str, storage_url: Optional[str], folder: Path) -> optuna.Study:
+def create_study(params: Params, target: str, name: str, storage_url: Optional[str],
+                 folder: Path) -> tuple[optuna.Study, bool]:
+    """The study, and whether this call created it: the storage's unique study name makes exactly
+    one of several simultaneous coordinators the creator."""
     storage = open_storage(storage_url, folder)
-    study = optuna.create_study(study_name=name, storage=storage, directions=DIRECTIONS, load_if_exists=True)
-    study.set_user_attr("target", target)
-    study.set_user_attr("space", json.loads(json.dumps(asdict(params.sweep.space))))
-    return study
+    try:
+        storage.create_new_study([optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE], name)
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        created = False
+    study = optuna.load_study(study_name=name, storage=storage)
+    if [d.name.lower() for d in study.directions] != DIRECTIONS:
+        raise UserError(f"sweep: study '{name}' exists with directions {[d.name.lower() for d in study.directions]}; "
+                        f"allowed: {DIRECTIONS} (val accuracy, task memory); choose another --study-name")
+    if created:
+        study.set_user_attr("target", target)
+        study.set_user_attr("space", json.loads(json.dumps(asdict(params.sweep.space))))
+    return study, created
 
 
 def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
