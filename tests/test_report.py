@@ -99,7 +99,10 @@ TRANSFER_WALL = {("tA", "full"): 12.5, ("tA", "full_fp32"): 20.5, ("tA", "head")
                  ("tB", "serial"): 2.5, ("tB", "parallel"): 7.0}
 STAGE_TIMES = {"prepare@src": 1.0, "prepare@tA": 1.5, "prepare@tB": 2.5, "pretrain@binary": 30.0,
                "pretrain@fp32": 25.0, "sweep@tA": 40.0, "sweep@tB": 35.5,
-               **{f"transfer_{t}_{v}": s for (t, v), s in TRANSFER_WALL.items()}}
+               # named as `dvc dag` names the stages that wrote them
+               "transfer@tA-full": 12.5, "transfer_fp32@tA": 20.5, "transfer@tA-head": 2.5, "transfer@tA-serial": 6.5,
+               "transfer@tA-parallel": 3.5, "transfer@tB-full": 9.0, "transfer_fp32@tB": 17.0, "transfer@tB-head": 1.5,
+               "transfer@tB-serial": 2.5, "transfer@tB-parallel": 7.0}
 TOTAL_WALL = 218.0
 DPI = 110  # params.yaml's report.dpi
 
@@ -363,6 +366,15 @@ def test_stage_wall_times_and_total(rendered):
     # 5.0 (prepare) + 55.0 (pretrain) + 45.5 (transfer tA) + 37.0 (transfer tB) + 75.5 (sweeps) = 218.0
     assert sum(STAGE_TIMES.values()) == TOTAL_WALL
     assert "Total stage wall time: 218 s." in text
+
+
+def test_stage_names_with_underscores_in_dataset_names():
+    from pipeline.report.analysis import dvc_stage
+
+    assert [dvc_stage(s) for s in ("prepare_mnist_0to4", "pretrain_fp32", "sweep_uci_digits", "transfer_mnist_5to9_full",
+                                   "transfer_uci_digits_full_fp32", "transfer_my_set_parallel")] == \
+        ["prepare@mnist_0to4", "pretrain@fp32", "sweep@uci_digits", "transfer@mnist_5to9-full",
+         "transfer_fp32@uci_digits", "transfer@my_set-parallel"]
 
 
 def test_provenance(rendered):

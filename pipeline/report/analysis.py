@@ -151,7 +151,17 @@ def time_ratios(inputs: Inputs, target: str, method: str) -> Optional[dict[str, 
             "epoch_time": a.epoch_time_s / full.epoch_time_s}
 
 
+def dvc_stage(stem: str) -> str:
+    """The DVC stage that wrote reports/metrics/<stem>.json (dataset and target names may hold '_')."""
+    kind, _, rest = stem.partition("_")
+    if kind != "transfer":
+        return f"{kind}@{rest}" if rest else kind
+    if rest.endswith("_full_fp32"):
+        return f"transfer_fp32@{rest[:-len('_full_fp32')]}"
+    target, _, method = rest.rpartition("_")
+    return f"transfer@{target}-{method}"
+
+
 def stage_times(metrics: dict[str, dict]) -> pd.DataFrame:
-    rows = [{"stage": stem.replace("_", "@", 1) if stem.split("_")[0] in ("prepare", "pretrain", "sweep") else stem,
-             "wall_time_s": m["wall_time_s"]} for stem, m in metrics.items() if "wall_time_s" in m]
+    rows = [{"stage": dvc_stage(stem), "wall_time_s": m["wall_time_s"]} for stem, m in metrics.items() if "wall_time_s" in m]
     return pd.DataFrame(rows, columns=["stage", "wall_time_s"])
