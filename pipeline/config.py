@@ -181,9 +181,16 @@ class Adapter:
 @dataclass(frozen=True)
 class Transfer:
     targets: list[str] = field(default_factory=lambda: ["mnist_5to9", "uci_digits"])
-    methods: list[Literal["full", "head", "serial", "parallel"]] = field(
-        default_factory=lambda: ["full", "head", "serial", "parallel"])
+    # Two lists, two DVC stages: a change to the adapter section reruns only the adapter methods.
+    baselines: list[Literal["full", "head"]] = field(default_factory=lambda: ["full", "head"])
+    adapters: list[Literal["serial", "parallel"]] = field(default_factory=lambda: ["serial", "parallel"])
     optim: Optim = Optim()
+
+    def check(self, path: str) -> None:
+        for key in ("targets", "baselines", "adapters"):
+            values = getattr(self, key)
+            if len(set(values)) != len(values):  # DVC would define the same stage twice
+                raise ParamsError(f"{path}.{key}: {values} repeats an entry; list each once")
 
 
 @dataclass(frozen=True)

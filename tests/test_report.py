@@ -100,8 +100,8 @@ TRANSFER_WALL = {("tA", "full"): 12.5, ("tA", "full_fp32"): 20.5, ("tA", "head")
 STAGE_TIMES = {"prepare@src": 1.0, "prepare@tA": 1.5, "prepare@tB": 2.5, "pretrain@binary": 30.0,
                "pretrain@fp32": 25.0, "sweep@tA": 40.0, "sweep@tB": 35.5,
                # named as `dvc dag` names the stages that wrote them
-               "transfer@tA-full": 12.5, "transfer_fp32@tA": 20.5, "transfer@tA-head": 2.5, "transfer@tA-serial": 6.5,
-               "transfer@tA-parallel": 3.5, "transfer@tB-full": 9.0, "transfer_fp32@tB": 17.0, "transfer@tB-head": 1.5,
+               "baseline@tA-full": 12.5, "transfer_fp32@tA": 20.5, "baseline@tA-head": 2.5, "transfer@tA-serial": 6.5,
+               "transfer@tA-parallel": 3.5, "baseline@tB-full": 9.0, "transfer_fp32@tB": 17.0, "baseline@tB-head": 1.5,
                "transfer@tB-serial": 2.5, "transfer@tB-parallel": 7.0}
 TOTAL_WALL = 218.0
 DPI = 110  # params.yaml's report.dpi
@@ -373,7 +373,7 @@ def test_stage_names_with_underscores_in_dataset_names():
 
     assert [dvc_stage(s) for s in ("prepare_mnist_0to4", "pretrain_fp32", "sweep_uci_digits", "transfer_mnist_5to9_full",
                                    "transfer_uci_digits_full_fp32", "transfer_my_set_parallel")] == \
-        ["prepare@mnist_0to4", "pretrain@fp32", "sweep@uci_digits", "transfer@mnist_5to9-full",
+        ["prepare@mnist_0to4", "pretrain@fp32", "sweep@uci_digits", "baseline@mnist_5to9-full",
          "transfer_fp32@uci_digits", "transfer@my_set-parallel"]
 
 

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 PARAMS = tiny_params(**{
     "data.datasets.mnist_0to4.max_per_class": 150, "model.width": 8, "pretrain.optim.epochs": 6,
-    "pretrain.precisions": ["binary"], "transfer.methods": ["serial"],
+    "pretrain.precisions": ["binary"], "transfer.baselines": [], "transfer.adapters": ["serial"],
 })
 
 

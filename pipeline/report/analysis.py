@@ -159,7 +159,7 @@ def dvc_stage(stem: str) -> str:
     if rest.endswith("_full_fp32"):
         return f"transfer_fp32@{rest[:-len('_full_fp32')]}"
     target, _, method = rest.rpartition("_")
-    return f"transfer@{target}-{method}"
+    return f"{'baseline' if method in ('full', 'head') else 'transfer'}@{target}-{method}"
 
 
 def stage_times(metrics: dict[str, dict]) -> pd.DataFrame:

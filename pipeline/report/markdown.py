@@ -89,7 +89,7 @@ def size_section(inputs: Inputs, band: tuple[float, float]) -> tuple[str, pd.Dat
             lines.append(f"- **{t}**: no sweep results (run `dvc repro sweep@{t}`).")
             continue
         if full is None:
-            lines.append(f"- **{t}**: binary full finetune was not run (transfer.methods), so there is no reference accuracy.")
+            lines.append(f"- **{t}**: binary full finetune was not run (transfer.baselines), so there is no reference accuracy.")
             continue
         for k in (1, 3):
             h = hits[k]
