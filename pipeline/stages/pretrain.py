@@ -30,6 +30,8 @@ def run(params: Params, precision: str) -> dict:
             **as_flat_dict(params.model, "model."), **as_flat_dict(p.optim, "optim.")}
     result = fit_and_evaluate(params, net, data, p.optim, run_name=f"pretrain-{precision}",
                               tags=run_tags("pretrain", precision=precision), flat_params=flat, ckpt_dir=out)
+    if not result.primary:
+        return {}
 
     net.eval()
     memory = memory_report(net)

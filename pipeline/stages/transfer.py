@@ -39,11 +39,15 @@ def run(params: Params, target: str, method: str, precision: str = "binary") -> 
             run_name=f"transfer-{target}-{name}-s{seed}", base_bytes=base_bytes,
             tags=run_tags("transfer", target=target, method=method, precision=precision),
         )
+        if row is None:  # an extra process of a multi-device strategy: the primary writes
+            continue
         rows.append(row)
         curves += curve
         print(f"transfer {target}/{name} seed {seed}: val {row['val_acc']:.4f} test {row['test_acc']:.4f} "
               f"task memory {row['task_memory_bytes'] / 1024:.2f} KiB ({100 * row['memory_ratio']:.1f}% of base), "
               f"{row['train_time_s']:.1f}s")
+    if not rows:
+        return {}
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     METRICS_DIR.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(RESULTS_DIR / f"{target}__{name}.csv", index=False)

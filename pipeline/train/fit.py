@@ -24,6 +24,12 @@ class FitResult:
     test_acc: Optional[float]
 
     @property
+    def primary(self) -> bool:
+        """False in the extra processes of a multi-device strategy (DDP re-runs the command once per
+        device): they train and evaluate in step, and only the primary writes outputs and logs."""
+        return self.run.trainer.is_global_zero
+
+    @property
     def run_id(self) -> str:
         return self.run.logger.run_id
 
@@ -81,7 +87,7 @@ def fit_and_evaluate(params: Params, net: torch.nn.Module, data: PreparedData, o
         for stale in resume.get("stale", []):  # only now: a bad trainer setting must not cost the checkpoints
             stale.unlink(missing_ok=True)
         run.logger.log_hyperparams(flat_params)
-        if ckpt_dir is not None:
+        if ckpt_dir is not None and run.trainer.is_global_zero:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             (ckpt_dir / "resume.json").write_text(json.dumps({"fingerprint": resume["fingerprint"], "run_id": run.logger.run_id}))
     run.trainer.fit(module, datamodule=data, ckpt_path=resume.get("ckpt"))

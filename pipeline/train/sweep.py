@@ -193,7 +193,10 @@ def run_worker(params: Params, target: str, name: str, storage_url: Optional[str
     existing = len(optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False))
     study = optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(params, worker, existing))
     n, s = params.sweep.n_trials, params.sweep
-    params = replace(params, trainer=replace(params.trainer, progress_bar=False))  # trials are many and short
+    # Trials are many and short: one device each (sweeps scale out by workers, not by DDP).
+    t = params.trainer
+    params = replace(params, trainer=replace(t, progress_bar=False, strategy="auto",
+                                             devices=t.devices[:1] if isinstance(t.devices, list) else 1))
     base_bytes = base_memory_bytes()
     ran, failed_in_a_row = 0, 0
     while True:

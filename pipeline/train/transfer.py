@@ -51,9 +51,10 @@ def train_transfer(params: Params, *, target: str, method: str, precision: str, 
                    optim: Optim, out: Path, stem: str, run_name: str, tags: dict[str, str],
                    extra_params: Optional[dict[str, Any]] = None, callbacks: Optional[list] = None,
                    parent_run_id: Optional[str] = None, touch_test: bool = True,
-                   base_bytes: Optional[float] = None) -> tuple[dict, list[dict]]:
+                   base_bytes: Optional[float] = None) -> tuple[Optional[dict], list[dict]]:
     """Train, finalise (permanent pruning, frozen k-bit codes), measure memory, save the adapter
-    files under `out/stem.*`. With touch_test=False (sweep trials) the test split is not read."""
+    files under `out/stem.*`. With touch_test=False (sweep trials) the test split is not read.
+    Returns (None, []) in the extra processes of a multi-device strategy."""
     seed_everything(seed, params)
     net, data = build_net(params, target, method, precision, seed, adapter, optim.batch_size)
     raw = PreparedData(PREPARED / target, 1, 0, seed)  # untouched inputs for the final numbers
@@ -70,6 +71,8 @@ def train_transfer(params: Params, *, target: str, method: str, precision: str, 
         flat_params={**keys, "epochs": epochs, "lr": optim.lr, "batch_size": optim.batch_size, **(extra_params or {})},
         ckpt_dir=out / "checkpoints" / stem,
     )
+    if not result.primary:
+        return None, []
     loss = result.run.trainer.callback_metrics.get("train_loss")
     if loss is not None and not math.isfinite(float(loss)):
         raise TrainingDiverged(f"training diverged (train loss {float(loss)})")

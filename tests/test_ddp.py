@@ -1,0 +1,45 @@
+"""Multi-device training through the engine: `trainer.strategy: ddp` with two CPU processes
+(gloo), the same code path as DDP on GPUs. The extra process trains in step; only the primary
+writes outputs and MLflow runs, so a stage leaves one set of files and one run."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from conftest import BIN, make_project, run_cli, tiny_params
+
+pytestmark = pytest.mark.slow
+
+
+def test_ddp_on_two_cpu_processes(tmp_path):
+    params = tiny_params(**{"pretrain.precisions": ["binary"], "transfer.baselines": [],
+                            "transfer.adapters": ["serial"], "trainer.accelerator": "cpu", "trainer.devices": 2,
+                            "trainer.strategy": "ddp"})
+    root = make_project(tmp_path / "proj", params)
+    out = run_cli([str(BIN / "dvc"), "repro", "transfer@mnist_5to9-serial"], root)
+    log = out.stdout + out.stderr
+    assert "Starting with 2 processes" in log and "distributed_backend=gloo" in log
+    assert log.count("pretrain binary: val") == 1  # the second process printed and wrote nothing
+    assert log.count("transfer mnist_5to9/serial seed 0: val") == 1
+
+    client = MlflowClient("sqlite:///" + str(root / "mlflow.db"))
+    exp = client.get_experiment_by_name("bnn-adapters")
+    runs = client.search_runs([exp.experiment_id])
+    assert sorted(r.data.tags["stage"] for r in runs) == ["pretrain", "transfer"]
+
+    card = json.loads((root / "models/base/binary/card.json").read_text())
+    pretrain = next(r for r in runs if r.data.tags["stage"] == "pretrain")
+    assert card["mlflow_run_id"] == pretrain.info.run_id
+    state = torch.load(root / "models/base/binary/model.pt", map_location="cpu", weights_only=True)
+    assert state  # a whole, loadable file (two writers would risk a torn one)
+
+    recorded = json.loads((root / "reports/metrics/transfer_mnist_5to9_serial.json").read_text())["test_acc"]
+    evaluated = run_cli(["pipeline", "evaluate", "--target", "mnist_5to9",
+                         "--adapter", "models/mnist_5to9/serial/adapter.safetensors"], root).stdout
+    measured = float(re.search(r"mnist_5to9 test accuracy ([0-9.]+)", evaluated).group(1))
+    assert abs(measured - recorded) < 5e-5, (recorded, evaluated)
