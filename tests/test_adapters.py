@@ -9,6 +9,7 @@ import copy
 import hashlib
 import json
 import os
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -283,7 +284,7 @@ def saved_base(vgg_base, tmp_path_factory):
     return path, save_base(vgg_base, path)
 
 
-def _fit(toy_task, net: TransferNet, name: str, monkeypatch):
+def _fit(toy_task, net: TransferNet, name: str, monkeypatch, optim: Optional[Optim] = None, ckpt_dir=None):
     params, folder, root = toy_task
     monkeypatch.chdir(root)  # anything Lightning or MLflow writes relative to the cwd stays here
     det, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
@@ -291,9 +292,9 @@ def _fit(toy_task, net: TransferNet, name: str, monkeypatch):
     threads = torch.get_num_threads()
     try:
         data = PreparedData(folder, batch_size=16)
-        optim = Optim(epochs=2, batch_size=16, lr=0.02, scheduler="none")
+        optim = optim or Optim(epochs=2, batch_size=16, lr=0.02, scheduler="none")
         return fit_and_evaluate(params, net, data, optim, run_name=name, tags={"stage": "test"},
-                                flat_params={"name": name})
+                                flat_params={"name": name}, ckpt_dir=ckpt_dir)
     finally:
         torch.use_deterministic_algorithms(det, warn_only=warn_only)
         if cublas is None:
@@ -677,3 +678,16 @@ def test_packed_export_of_task_state(vgg_base, tmp_path):
         assert torch.equal(tensors[f"{name}.weight"], m.effective_weight().detach()), name
     assert torch.equal(tensors["base.head.weight"], net.base.head.weight.detach())
     assert torch.equal(tensors["base.head.bias"], net.base.head.bias.detach())
+
+
+def test_last_checkpoint_is_the_last_epoch_not_the_best(toy_task, vgg_base, monkeypatch, tmp_path):
+    """A killed run resumes from last.ckpt, so it must hold the last epoch. Lightning writes
+    last.ckpt only when it also saves a top-k checkpoint: with one callback, a run whose val
+    accuracy stopped improving after epoch 0 left last.ckpt at epoch 0 and redid the rest."""
+    net = TransferNet(copy.deepcopy(vgg_base), AdapterSpec("head"), 3)
+    flat = Optim(epochs=3, batch_size=16, lr=1e-9, scheduler="none")  # val accuracy never improves
+    _fit(toy_task, net, "last-ckpt", monkeypatch, optim=flat, ckpt_dir=tmp_path / "ckpt")
+    best = torch.load(tmp_path / "ckpt" / "best.ckpt", map_location="cpu", weights_only=True)
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert (best["epoch"], last["epoch"]) == (0, 2)
+    assert sorted(f.name for f in (tmp_path / "ckpt").glob("*.ckpt")) == ["best.ckpt", "last.ckpt"]

@@ -134,8 +134,12 @@ def make_trainer(params: Params, *, run_name: str, tags: dict[str, str], epochs:
     ckpt = None
     if ckpt_dir is not None:
         ckpt = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_acc", mode="max",
-                               save_last=True, enable_version_counter=False)
-        cbs.append(ckpt)
+                               enable_version_counter=False)
+        # A second callback for the resume point: Lightning's save_last writes last.ckpt only in
+        # epochs that also save a top-k checkpoint, i.e. at the best epoch, not the last one.
+        last = ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1,
+                               enable_version_counter=False)
+        cbs += [ckpt, last]
     if t.progress_bar:
         cbs.append(TQDMProgressBar(refresh_rate=10))
     try:
