@@ -32,9 +32,20 @@ class Classifier(L.LightningModule):
         loss = F.cross_entropy(logits, y)
         acc = self.accuracy[split + "_"]
         acc.update(logits.detach(), y)
-        self.log(f"{split}_loss", loss.detach(), on_step=False, on_epoch=True, batch_size=len(y))
-        self.log(f"{split}_acc", acc, on_step=False, on_epoch=True, batch_size=len(y), prog_bar=split == "val")
+        to_logger = split != "train"  # train metrics go out in on_train_epoch_end, before the checkpoint
+        self.log(f"{split}_loss", loss.detach(), on_step=False, on_epoch=True, batch_size=len(y), logger=to_logger)
+        self.log(f"{split}_acc", acc, on_step=False, on_epoch=True, batch_size=len(y), prog_bar=split == "val",
+                 logger=to_logger)
         return loss
+
+    def on_train_epoch_end(self):
+        # Lightning writes the epoch's checkpoints before it logs the epoch's train metrics, so a run
+        # killed in between resumed after that epoch and its train_loss never reached MLflow.
+        # This hook runs before the checkpoint callbacks.
+        if self.logger is not None:
+            m = self.trainer.callback_metrics
+            self.logger.log_metrics({k: float(m[k]) for k in ("train_loss", "train_acc") if k in m},
+                                    step=self.trainer.global_step - 1)
 
     def training_step(self, batch, batch_idx):
         return self._step(batch, "train")
