@@ -24,7 +24,7 @@ from pipeline.errors import UserError
 from pipeline.nn.adapter_io import AdapterBank, apply_adapter, read_adapter, save_adapter
 from pipeline.nn.adapters import (Adapter, AdapterConv, AdapterSpec, QuantLinear, TransferNet,
                                   resolve_placement)
-from pipeline.nn.backbones import Arch, build_backbone
+from pipeline.nn.backbones import Arch
 from pipeline.nn.checkpoint import load_base, save_base
 from pipeline.nn.export import export_packed, read_packed
 from pipeline.nn.memory import memory_report
@@ -37,9 +37,8 @@ from pipeline.train.fit import fit_and_evaluate
 ARCH = Arch("bnn_vgg_small", "binary", 3, in_channels=1, input_size=12, width=4)
 
 
-def _make_base(arch: Arch = ARCH, seed: int = 0, size: int = 12):
+def _make_base(arch: Arch = ARCH, seed: int = 0):
     """A binary backbone whose BNs hold non-trivial affine parameters and running statistics."""
-    assert size == arch.input_size
     net = backbone_with_bn_stats(arch, seed, batch=8)
     for m in net.modules():
         if isinstance(m, nn.BatchNorm2d):  # the statistics really moved away from (0, 1)
@@ -153,7 +152,7 @@ def test_memory_of_8bit_head():
 
 @pytest.fixture(scope="module")
 def bireal_base():
-    return _make_base(Arch("birealnet18", "binary", 10, 1, 32, width=8), size=32)
+    return _make_base(Arch("birealnet18", "binary", 10, 1, 32, width=8))
 
 
 @pytest.mark.parametrize("reduction", [1, 2])

@@ -29,6 +29,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def create_database(url: str, name: str) -> None:
+    subprocess.run(["psql", "-h", "127.0.0.1", "-p", url.rsplit(":", 1)[1], "-U", "postgres", "-c", f"create database {name}"],
+                   check=True, capture_output=True)
+
+
 def as_pg_user(args: list[str]) -> list[str]:
     """PostgreSQL refuses to run as root: run its tools as the `postgres` user then."""
     return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else args
@@ -52,10 +57,10 @@ def postgres(tmp_path_factory):
                    check=True, capture_output=True)
     subprocess.run(as_pg_user([str(PG_BIN / "pg_ctl"), "-D", str(data), "-w", "-l", str(data / "log"),
                                "-o", f"-p {port} -k {data} -h 127.0.0.1", "start"]), check=True, capture_output=True)
+    url = f"postgresql://postgres@127.0.0.1:{port}"
     for db in ("optuna", "mlflow"):
-        subprocess.run(["psql", "-h", "127.0.0.1", "-p", str(port), "-U", "postgres", "-c", f"create database {db}"],
-                       check=True, capture_output=True)
-    yield f"postgresql://postgres@127.0.0.1:{port}"
+        create_database(url, db)
+    yield url
     subprocess.run(as_pg_user([str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"]), capture_output=True)
     shutil.rmtree(data, ignore_errors=True)
 
@@ -103,8 +108,7 @@ def test_workers_starting_together_on_an_empty_database(postgres):
 
     for i in range(3):
         db = f"race{i}"
-        subprocess.run(["psql", "-h", "127.0.0.1", "-p", postgres.rsplit(":", 1)[1], "-U", "postgres", "-c",
-                        f"create database {db}"], check=True, capture_output=True)
+        create_database(postgres, db)
         with mp.get_context("spawn").Pool(4) as pool:
             seen = pool.starmap(_open_at, [(f"{postgres}/{db}", time.time() + 8)] * 4)
         assert seen == ["ok"] * 4, seen

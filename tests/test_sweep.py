@@ -447,7 +447,7 @@ def test_only_the_study_creator_makes_the_parent_run(in_process, tmp_path):
     import threading
 
     from pipeline.stages.sweep import parent_run
-    from pipeline.train.sweep import create_study
+    from pipeline.train.sweep import PARENT_RUN_ATTR, create_study
 
     root, params = in_process
     folder = tmp_path / "sweep"
@@ -468,7 +468,7 @@ def test_only_the_study_creator_makes_the_parent_run(in_process, tmp_path):
     assert [r.info.run_id for r in runs] == [got["a"]]
     # A study whose creator died before recording a parent: after the wait, adopt the tagged run.
     orphan, created = create_study(params, TARGET, "coord-test", None, folder)
-    orphan.set_user_attr("mlflow_parent_run_id", "")
+    orphan.set_user_attr(PARENT_RUN_ATTR, "")
     assert parent_run(params, orphan, TARGET, created, wait_s=0.5) == got["a"]
 
 

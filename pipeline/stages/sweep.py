@@ -18,7 +18,7 @@ from pipeline.nn.checkpoint import load_base, sha256
 from pipeline.train.datamodule import PreparedData
 from pipeline.train.evaluate import accuracy
 from pipeline.train.pareto import hypervolume
-from pipeline.train.sweep import create_study, run_workers, study_name, trial_rows
+from pipeline.train.sweep import PARENT_RUN_ATTR, create_study, run_workers, study_name, trial_rows
 from pipeline.train.tracking import client, experiment_id, run_tags
 
 SWEEP_DIR = Path("reports/sweep")
@@ -28,12 +28,11 @@ def parent_run(params: Params, study, target: str, created: bool, wait_s: float 
     """The sweep's MLflow parent run, recorded in the study itself, so resumed runs and workers on
     other machines nest their trials under the same one. Only the study's creator makes it; the
     others wait for it to be recorded, so simultaneous coordinators never make two."""
-    key = "mlflow_parent_run_id"
-    known = study.user_attrs.get(key)
+    known = study.user_attrs.get(PARENT_RUN_ATTR)
     deadline = time.monotonic() + (0 if created else wait_s)
     while not known and time.monotonic() < deadline:
         time.sleep(0.5)
-        known = study.user_attrs.get(key)
+        known = study.user_attrs.get(PARENT_RUN_ATTR)
     if known:
         return known
     # Creator, or a study whose creator died before recording one: adopt a tagged run or make one.
@@ -43,7 +42,7 @@ def parent_run(params: Params, study, target: str, created: bool, wait_s: float 
                           max_results=1, order_by=["attributes.start_time ASC"])
     run_id = found[0].info.run_id if found else \
         c.create_run(exp, run_name=f"sweep-{target}", tags=run_tags("sweep", target=target, study=study.study_name)).info.run_id
-    study.set_user_attr(key, run_id)
+    study.set_user_attr(PARENT_RUN_ATTR, run_id)
     return run_id
 
 
@@ -67,7 +66,7 @@ def run(params: Params, target: str, n_trials: Optional[int] = None, workers: Op
     study, created = create_study(params, target, name, storage, folder)
     parent = parent_run(params, study, target, created)
     run_workers(params, target, name, storage, folder, s.workers, parent)
-    parent = study.user_attrs.get("mlflow_parent_run_id", parent)
+    parent = study.user_attrs.get(PARENT_RUN_ATTR, parent)
 
     trials = pd.DataFrame(trial_rows(study))
     trials.to_csv(folder / "trials.csv", index=False)

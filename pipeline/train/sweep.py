@@ -27,6 +27,7 @@ from pipeline.config import Adapter, Params
 from pipeline.errors import EnvironmentFailure, UserError
 
 DIRECTIONS = ["maximize", "minimize"]  # val accuracy, task memory bytes
+PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attr: the sweep's MLflow parent run
 
 
 # ------------------------------------------------------------------------------ naming & storage
@@ -216,7 +217,7 @@ def run_worker(params: Params, target: str, name: str, storage_url: Optional[str
             continue
         beat = Heartbeat(storage, trial._trial_id, interval=max(1.0, s.stale_after_s / 4))
         # Read per trial, so trials nest under the parent the study records even if it changed.
-        parent = study.user_attrs.get("mlflow_parent_run_id", parent_run_id)
+        parent = study.user_attrs.get(PARENT_RUN_ATTR, parent_run_id)
         result: dict[str, Any] = {}
         try:
             method, adapter, lr = suggest(trial, params)
@@ -296,13 +297,14 @@ def create_study(params: Params, target: str, name: str, storage_url: Optional[s
     one of several simultaneous coordinators the creator."""
     storage = open_storage(storage_url, folder)
     try:
-        storage.create_new_study([optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE], name)
+        storage.create_new_study([optuna.study.StudyDirection[d.upper()] for d in DIRECTIONS], name)
         created = True
     except optuna.exceptions.DuplicatedStudyError:
         created = False
     study = optuna.load_study(study_name=name, storage=storage)
-    if [d.name.lower() for d in study.directions] != DIRECTIONS:
-        raise UserError(f"sweep: study '{name}' exists with directions {[d.name.lower() for d in study.directions]}; "
+    found = [d.name.lower() for d in study.directions]
+    if found != DIRECTIONS:
+        raise UserError(f"sweep: study '{name}' exists with directions {found}; "
                         f"allowed: {DIRECTIONS} (val accuracy, task memory); choose another --study-name")
     if created:
         study.set_user_attr("target", target)
