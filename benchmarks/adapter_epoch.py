@@ -28,12 +28,12 @@ def main() -> None:
     tmp = tempfile.mkdtemp()
     params = replace(params, trainer=replace(params.trainer, progress_bar=False),
                      tracking=replace(params.tracking, uri=f"sqlite:///{tmp}/mlflow.db"))
-    o = replace(params.transfer.optim, epochs=args.epochs)
+    o = replace(params.transfer.optim, max_epochs=args.epochs, patience=args.epochs + 1)
     medians = {}
     for method in args.methods:
         seed_everything(0, params)
-        net, data = build_net(params, args.target, method, "binary", 0, params.adapter, o.batch_size)
-        run = make_trainer(params, run_name=f"benchmark-{method}", tags={"stage": "benchmark"}, epochs=args.epochs)
+        net, data, _ = build_net(params, args.target, method, "binary", 0, params.adapter, o.batch_size)
+        run = make_trainer(params, run_name=f"benchmark-{method}", tags={"stage": "benchmark"}, optim=o)
         run.trainer.fit(Classifier(net, o, data.num_classes), datamodule=data)
         times = [r.train_seconds for r in run.timing.history]
         medians[method] = statistics.median(times)

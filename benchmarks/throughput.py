@@ -49,14 +49,15 @@ def main() -> None:
     tmp = tempfile.mkdtemp()
     params = replace(params, trainer=replace(params.trainer, progress_bar=False),
                      tracking=replace(params.tracking, uri=f"sqlite:///{tmp}/mlflow.db"))
-    o = replace(params.pretrain.optim, scheduler="none", epochs=args.epochs)
+    # patience past the cap: the benchmark times every epoch, early stopping must not end it
+    o = replace(params.pretrain.optim, scheduler="none", max_epochs=args.epochs, patience=args.epochs + 1)
     data = PreparedData(PREPARED / params.pretrain.source, o.batch_size, 0, 0)
     n = len(data.splits["train"][1])
     arch = Arch(params.model.name, args.precision, data.num_classes, params.data.channels,
                 params.data.input_size, params.model.width)
 
     seed_everything(0, params)
-    run = make_trainer(params, run_name="benchmark-lightning", tags={"stage": "benchmark"}, epochs=args.epochs)
+    run = make_trainer(params, run_name="benchmark-lightning", tags={"stage": "benchmark"}, optim=o)
     run.trainer.fit(Classifier(build_backbone(arch), o, data.num_classes), datamodule=data)
     lightning = [r.train_seconds for r in run.timing.history]
 
@@ -68,6 +69,8 @@ def main() -> None:
     print(f"lightning: {l_ips:.0f} images/s (epochs {', '.join(f'{t:.2f}' for t in lightning)} s)")
     print(f"plain:     {p_ips:.0f} images/s (epochs {', '.join(f'{t:.2f}' for t in plain)} s)")
     print(f"ratio lightning/plain throughput: {l_ips / p_ips:.3f}")
+    # The unit the default run's budget is judged in: `make repro` wall time / this (goal <= 500).
+    print(f"plain-loop epoch time: {statistics.median(plain):.3f} s")
 
 
 if __name__ == "__main__":

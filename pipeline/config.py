@@ -109,9 +109,13 @@ class Model:
 
 @dataclass(frozen=True)
 class Optim:
-    """How one stage trains: shared shape for pretrain and transfer sections."""
+    """How one stage trains: shared shape for pretrain and transfer sections. The training rule
+    of every arm: up to `max_epochs`, early stopping on val accuracy after `patience` epochs
+    without a gain above `min_delta`, the best-val weights restored."""
 
-    epochs: int = field(default=10, metadata=_range(ge=1))
+    max_epochs: int = field(default=10, metadata=_range(ge=1))
+    patience: int = field(default=5, metadata=_range(ge=1))
+    min_delta: float = field(default=0.0, metadata=_range(ge=0, lt=1))
     batch_size: int = field(default=128, metadata=_range(ge=1))
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
     lr: float = field(default=0.005, metadata=_range(gt=0, le=10))
@@ -167,7 +171,6 @@ class Adapter:
     placement: Union[str, list[int]] = "all"  # all | last:K | list of block indices
     task_bn: bool = False
     bits: Literal[32, 8, 4, 2] = 32
-    head_bits: Literal[32, 8, 4, 2] = 32  # the new head's weights (bias stays float32)
     prune: Prune = Prune()
 
     def check(self, path: str) -> None:
@@ -184,13 +187,19 @@ class Transfer:
     # Two lists, two DVC stages: a change to the adapter section reruns only the adapter methods.
     baselines: list[Literal["full", "head"]] = field(default_factory=lambda: ["full", "head"])
     adapters: list[Literal["serial", "parallel"]] = field(default_factory=lambda: ["serial", "parallel"])
+    # Every method that trains a new head (head, serial, parallel) stores it at these bits.
+    head_bits: Literal[32, 8, 4, 2] = 8
+    # Each method's lr is chosen on val from this grid (first seed); the other seeds repeat it.
+    lr_grid: list[float] = field(default_factory=lambda: [0.003, 0.01, 0.03])
     optim: Optim = Optim()
 
     def check(self, path: str) -> None:
-        for key in ("targets", "baselines", "adapters"):
+        for key in ("targets", "baselines", "adapters", "lr_grid"):
             values = getattr(self, key)
             if len(set(values)) != len(values):  # DVC would define the same stage twice
                 raise ParamsError(f"{path}.{key}: {values} repeats an entry; list each once")
+        if not self.lr_grid or any(not 0 < lr <= 10 for lr in self.lr_grid):
+            raise ParamsError(f"{path}.lr_grid: {self.lr_grid}; allowed: a non-empty list of learning rates in (0, 10]")
 
 
 @dataclass(frozen=True)
@@ -213,10 +222,9 @@ class SearchSpace:
     reduction: list[int] = field(default_factory=lambda: [1])
     placement: list[str] = field(default_factory=lambda: ["all", "last:3", "last:2", "last:1"])
     bits: list[Literal[32, 8, 4, 2]] = field(default_factory=lambda: [8, 4, 2])
-    head_bits: list[Literal[32, 8, 4, 2]] = field(default_factory=lambda: [8])
     prune_amount: list[float] = field(default_factory=lambda: [0.0, 0.5])
     task_bn: list[bool] = field(default_factory=lambda: [False])
-    lr: FloatRange = FloatRange(low=0.002, high=0.02, log=True)
+    lr: FloatRange = FloatRange(low=0.003, high=0.03, log=True)
 
     def check(self, path: str) -> None:
         for f in dataclasses.fields(self):
@@ -241,8 +249,9 @@ class Sweep:
     study_name: Optional[str] = None  # None: derived from a hash of the settings (reruns resume)
     sampler: Literal["tpe", "nsga2"] = "tpe"
     seed: int = 0
-    epochs: int = field(default=3, metadata=_range(ge=1))
-    patience: int = field(default=2, metadata=_range(ge=1))  # early stopping on val accuracy
+    # Trials follow the training rule with transfer.optim, capped at these epochs; the Pareto
+    # points are then retrained on every seed at transfer.optim's own budget.
+    max_epochs: int = field(default=10, metadata=_range(ge=1))
     stale_after_s: int = field(default=60, metadata=_range(ge=1))  # RUNNING trial without heartbeat
     max_failures_in_a_row: int = field(default=10, metadata=_range(ge=1))  # then stop: something is wrong beyond one trial
     reference_accuracy: float = field(default=0.0, metadata=_range(ge=0, le=1))  # hypervolume reference point
@@ -282,7 +291,7 @@ class Tracking:
 
 @dataclass(frozen=True)
 class Params:
-    seeds: list[int] = field(default_factory=lambda: [0])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     data: Data = Data()
     model: Model = Model()
     trainer: Trainer = Trainer()

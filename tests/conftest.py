@@ -28,8 +28,11 @@ def tiny_params(**overrides) -> dict:
     p["model"]["width"] = 4
     p["trainer"]["progress_bar"] = False
     p["trainer"]["threads"] = 1
-    p["pretrain"]["optim"]["epochs"] = 2
-    p["transfer"]["optim"]["epochs"] = 2
+    p["pretrain"]["optim"]["max_epochs"] = 2
+    p["transfer"]["optim"]["max_epochs"] = 2
+    p["seeds"] = [0]                    # one run per arm; BUILT_PARAMS exercises seeds and the lr grid
+    p["transfer"]["lr_grid"] = [0.005]
+    p["sweep"]["workers"] = 1           # tiny runs: spawning processes costs more than it saves
     p["adapter"]["placement"] = "all"
     p["adapter"]["groups"] = 2
     p["adapter"]["prune"] = {"amount": 0.5, "rounds": 2, "epochs": 1, "scope": "layer"}
@@ -125,7 +128,7 @@ def copy_project(src: Path, dest: Path) -> Path:
 
 # The one fully built tiny pipeline that the slow tests share (built once per session):
 # every stage of dvc.yaml on tiny params, with a 2-trial sweep.
-BUILT_PARAMS = tiny_params(**{"sweep.n_trials": 2, "sweep.epochs": 1, "sweep.space.placement": ["last:1", "last:2"],
+BUILT_PARAMS = tiny_params(**{"seeds": [0, 1], "transfer.lr_grid": [0.005, 0.01], "sweep.n_trials": 2, "sweep.max_epochs": 1, "sweep.space.placement": ["last:1", "last:2"],
                               "sweep.space.groups": [2], "sweep.space.bits": [4, 8]})
 
 

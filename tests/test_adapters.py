@@ -291,7 +291,7 @@ def _fit(toy_task, net: TransferNet, name: str, monkeypatch, optim: Optional[Opt
     threads = torch.get_num_threads()
     try:
         data = PreparedData(folder, batch_size=16)
-        optim = optim or Optim(epochs=2, batch_size=16, lr=0.02, scheduler="none")
+        optim = optim or Optim(max_epochs=2, batch_size=16, lr=0.02, scheduler="none")
         return fit_and_evaluate(params, net, data, optim, run_name=name, tags={"stage": "test"},
                                 flat_params={"name": name}, ckpt_dir=ckpt_dir)
     finally:
@@ -684,7 +684,7 @@ def test_last_checkpoint_is_the_last_epoch_not_the_best(toy_task, vgg_base, monk
     last.ckpt only when it also saves a top-k checkpoint: with one callback, a run whose val
     accuracy stopped improving after epoch 0 left last.ckpt at epoch 0 and redid the rest."""
     net = TransferNet(copy.deepcopy(vgg_base), AdapterSpec("head"), 3)
-    flat = Optim(epochs=3, batch_size=16, lr=1e-9, scheduler="none")  # val accuracy never improves
+    flat = Optim(max_epochs=3, patience=3, batch_size=16, lr=1e-9, scheduler="none")  # val accuracy never improves
     _fit(toy_task, net, "last-ckpt", monkeypatch, optim=flat, ckpt_dir=tmp_path / "ckpt")
     best = torch.load(tmp_path / "ckpt" / "best.ckpt", map_location="cpu", weights_only=True)
     last = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)

@@ -46,7 +46,7 @@ def _unknown_source(d: dict) -> None:
 BAD_CASES = [
     ("unknown-top-level-key", _set("epochs", 3), "epochs"),
     ("unknown-nested-key", _set("pretrain.optim.foo", 1), "pretrain.optim.foo"),
-    ("wrong-type", _set("pretrain.optim.epochs", "ten"), "pretrain.optim.epochs"),
+    ("wrong-type", _set("pretrain.optim.max_epochs", "ten"), "pretrain.optim.max_epochs"),
     ("negative-lr", _set("pretrain.optim.lr", -0.01), "pretrain.optim.lr"),
     ("zero-lr", _set("pretrain.optim.lr", 0), "pretrain.optim.lr"),
     ("split-not-one", _set("data.split", {"train": 0.7, "val": 0.2, "test": 0.2}), "data.split"),
@@ -57,7 +57,7 @@ BAD_CASES = [
     ("empty-seeds", _set("seeds", []), "seeds"),
     ("bool-for-int", _set("pretrain.optim.batch_size", True), "pretrain.optim.batch_size"),
     ("bool-in-int-list", _set("seeds", [0, False]), "seeds[1]"),
-    ("float-for-int", _set("pretrain.optim.epochs", 2.5), "pretrain.optim.epochs"),
+    ("float-for-int", _set("pretrain.optim.max_epochs", 2.5), "pretrain.optim.max_epochs"),
     ("literal-not-allowed", _set("pretrain.optim.optimizer", "rmsprop"), "pretrain.optim.optimizer"),
     ("literal-in-list", _set("pretrain.precisions", ["binary", "int8"]), "pretrain.precisions[1]"),
     ("int-out-of-range", _set("data.input_size", 4), "data.input_size"),
@@ -106,7 +106,7 @@ def test_unknown_key_lists_allowed_keys(tmp_path, base):
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ParamsError) as exc:
         load_params(path)
-    assert "lr" in str(exc.value) and "epochs" in str(exc.value)
+    assert "lr" in str(exc.value) and "max_epochs" in str(exc.value)
 
 
 def _assert_matches_raw(obj, raw, where=""):

@@ -32,10 +32,12 @@ def test_repro_writes_every_output(project):
         card = json.loads((root / "models/base" / precision / "card.json").read_text())
         assert card["architecture"]["precision"] == precision
         metrics = json.loads((root / f"reports/metrics/pretrain_{precision}.json").read_text())
-        assert 0.0 <= metrics["test_acc"] <= 1.0 and metrics["epochs"] == 2
+        assert 0.0 <= metrics["test_acc"] <= 1.0 and metrics["max_epochs"] == 2
     results = pd.read_csv(root / "reports/results.csv")
-    # 1 target x (4 methods on the binary base + full on fp32), one seed
-    assert len(results) == 5
+    # 1 target x (4 methods on the binary base + full on fp32) x 2 seeds, each at its chosen lr
+    assert len(results) == 10 and sorted(results.seed.unique()) == [0, 1]
+    for _, arm in results.groupby(["method", "precision"]):
+        assert arm.lr.nunique() == 1 and arm.lr.iloc[0] in (0.005, 0.01) and (arm.lr_grid == "0.005 0.01").all()
     assert set(zip(results.target, results.method, results.precision)) == {
         ("mnist_5to9", m, "binary") for m in ("full", "head", "serial", "parallel")} | {("mnist_5to9", "full", "fp32")}
     adapters = results[results.method.isin(["serial", "parallel"])]
@@ -81,10 +83,15 @@ def test_mlflow_runs_read_back(project):
     by_stage = {}
     for r in runs:
         by_stage.setdefault(r.data.tags["stage"], []).append(r)
-    assert len(by_stage["pretrain"]) == 2 and len(by_stage["transfer"]) == 5
+    # 5 arms x (2 lr on seed 0 + the chosen lr on seed 1)
+    assert len(by_stage["pretrain"]) == 2 and len(by_stage["transfer"]) == 15
     assert len(by_stage["sweep"]) == 1 and len(by_stage["sweep_trial"]) == 2
-    parent = by_stage["sweep"][0].info.run_id
-    assert all(r.data.tags["mlflow.parentRunId"] == parent for r in by_stage["sweep_trial"])
+    pareto = pd.read_csv(root / "reports/sweep/mnist_5to9/pareto.csv")
+    assert len(by_stage["sweep_retrain"]) == 2 * len(pareto)  # each Pareto point on both seeds
+    parent = by_stage["sweep"][0]
+    assert parent.info.status == "FINISHED" and parent.info.end_time is not None
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id
+               for r in by_stage["sweep_trial"] + by_stage["sweep_retrain"])
     pre = next(r for r in by_stage["pretrain"] if r.data.tags["precision"] == "binary")
     card = json.loads((root / "models/base/binary/card.json").read_text())
     assert pre.data.metrics["test_acc"] == pytest.approx(card["metrics"]["test_acc"], abs=5e-5)

@@ -1,24 +1,35 @@
 """The report stage: a hand-written results set (no training) -> report.md and plots, every number
-in report.md checked against a hand calculation on the fixture; missing inputs; PNG sizes; and a
-real `dvc repro` where a report-only params change reruns only `report`.
+in report.md checked against a hand calculation on the fixture; selection on val only (test numbers
+scrambled must not change any choice); the "not distinguishable" wording; the protocol section;
+missing inputs; PNG sizes; and a real `dvc repro` where a report-only params change reruns only `report`.
 
-Fixture at a glance (base = binary base memory = 10240 bytes = 10.00 KiB; band 7%-12%; budget 12%):
+Hand arithmetic used throughout. A 95% Student t half-width is t_{0.975,n-1} * sd / sqrt(n) with
+  t_{0.975,1} = 12.7062 (two seeds), t_{0.975,2} = 4.3027 (three seeds).
+Two seeds a, b: sd = |a - b| / sqrt(2), so half = 12.7062 * |a - b| / 2 = 6.3531 * |a - b|.
+Three seeds m - d, m, m + d: sd = d, so half = 4.3027 * d / sqrt(3) = 2.4841 * d.
+One seed: half unknown (NaN), printed "(1 seed)", never distinguishable.
 
-target tA                      seeds  val             test          ratio  train s     epoch s     t95 s
-  full   binary                2      .89/.91         .90/.92       1.00   10.0/14.0   2.0/2.4     4.0/6.0
-  full   fp32                  1      .93             .94           32.0   20.0        4.0         8.0
-  head   binary                1      .72             .70           .05    2.0         0.4         1.0
-  serial binary                2      .8125/.9375     .86/.88       .10    5.0/5.8     1.1/1.1     1.5/2.5
-  parallel binary              1      .85             .95           .11    3.0         0.55        1.0
-  Pareto (sweep): trial 4 serial .03 val .80 test .895 | trial 2 parallel .08 val .84 test .905 |
-                  trial 9 serial .09 val .875 test .89 | trial 5 parallel .20 val .96 test .93
+Fixture at a glance (base = binary base memory = 10240 bytes = 10.00 KiB; band 7%-12%; budget 12%;
+every arm's lr grid "0.002 0.005 0.01"; max_epochs 15; "cap" = hit the cap still improving):
+
+target tA         seeds  val          test         ratio  train s      epoch    t95      epochs   cap  lr
+  full   binary   0,1    .89/.91      .90/.92      1.00   11.9/12.1    2.0/2.4  4.0/6.0  12/14    -    .005
+  full   fp32     0      .93          .94          32.0   20.0         4.0      8.0      10       -    .002
+  head   binary   0,1,2  .71/.72/.73  .69/.70/.71  .05    1.8/2.0/2.2  .4       1.0      9/10/11  -    .01
+  serial binary   0,1    .8125/.9375  .86/.88      .10    5.0/5.8      1.1      1.5/2.5  11/15    s1   .005
+  parallel binary 0      .85          .95          .11    3.0          .55      1.0      8        -    .01
+  Pareto (sweep, 2 seeds each; trial val = the single-seed trial's own val accuracy):
+    trial 4 serial   .03  trial val .80  val .79/.81    test .90/.91    (test within 1 pt of full, val not)
+    trial 2 parallel .08  trial val .87  val .868/.876  test .84/.86    (val within 3 pts of full, test not)
+    trial 9 serial   .09  trial val .88  val .87/.88    test .885/.895  (val ties transfer serial's .875)
+    trial 5 parallel .20  trial val .95  val .95/.97    test .89/.90    (val within 1 pt, test not; s1 hit cap)
 target tB (one seed each)
-  full   binary                1      .78             .80           1.00   8.0         1.6         0.0
-  full   fp32                  1      .81             .82           32.0   16.0        3.2         6.0
-  head   binary                1      .58             .60           .05    1.2         0.24        0.5
-  serial binary                1      .74             .77           .15    2.0         0.4         1.0
-  parallel binary              1      .70             .75           .10    6.0         1.2         3.0
-  Pareto (sweep): trial 0 serial .13 val .74 test .785 | trial 1 parallel .30 val .78 test .78
+  full   binary   0      .78          .80          1.00   8.0          1.6      0.0      9        -    .005
+  full   fp32     0      .81          .82          32.0   16.0         3.2      6.0      10       -    .002
+  head   binary   0      .58          .60          .05    1.2          .24      0.5      15       s0   .01
+  serial binary   0      .74          .77          .15    2.0          .4       1.0      7        -    .01
+  parallel binary 0      .70          .75          .10    6.0          1.2      3.0      12       -    .005
+  Pareto (sweep, 1 seed each): trial 0 serial .13 val .755 test .785 | trial 1 parallel .30 val .765 test .795
 """
 
 from __future__ import annotations
@@ -28,6 +39,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import shutil
 import struct
 import subprocess
@@ -42,51 +54,89 @@ from conftest import BIN, ROOT, copy_project, run_cli
 from pipeline.config import parse_params
 from pipeline.errors import UserError
 from pipeline.report import analysis
-from pipeline.report.markdown import accuracy_section
+from pipeline.report.markdown import accuracy_section, ci_num, ci_pct, size_section
 from pipeline.stages import report
+from pipeline.stats import distinguishable, mean_ci
 
 BASE = 10240.0     # binary base, bytes (10.00 KiB)
 FP32 = 327680.0    # fp32 base, bytes (320 KiB)
+T1 = 12.7062       # t_{0.975,1}: the 95% quantile factor for two seeds
+T2 = 4.3027        # t_{0.975,2}: for three seeds
+NAN = float("nan")
+LR_GRID = "0.002 0.005 0.01"   # as the transfer stage writes it: the grid, space-separated
+MAX_EPOCHS = 15
 ADAPTER = {"groups": 16, "reduction": 1, "placement": "last:3", "adapter_bits": 4, "head_bits": 8,
            "prune_amount": 0.0, "task_bn": False}
-NONE = {"groups": 0, "reduction": 0, "placement": "none", "adapter_bits": 0, "head_bits": 32, "prune_amount": 0.0}
-# train_transfer's row, column for column (transfer_keys first)
+NONE = {"groups": 0, "reduction": 0, "placement": "none", "adapter_bits": 0, "prune_amount": 0.0}
+HEAD_BITS = {"full": 32, "head": 8}  # full keeps its float head in its copy; every new head is 8-bit
+# train_transfer's row, column for column (transfer_keys first), then the transfer stage's lr_grid
 COLUMNS = ["target", "method", "precision", "adapter_type", "groups", "reduction", "placement", "adapter_bits",
            "head_bits", "prune_amount", "task_bn", "seed", "sparsity", "val_acc", "test_acc", "task_memory_bytes",
-           "adapter_memory_bytes", "base_memory_bytes", "memory_ratio", "train_time_s", "epoch_time_s",
-           "time_to_95_s", "trainable_params", "epochs", "epochs_run", "packed_payload_bytes"]
-PARETO_COLUMNS = ["number", "method", "groups", "reduction", "placement", "task_bn", "bits", "head_bits",
-                  "prune_amount", "lr", "val_acc", "test_acc", "task_memory_bytes", "memory_ratio", "memory_pct"]
+           "adapter_memory_bytes", "base_memory_bytes", "memory_ratio", "train_time_s", "prefix_time_s",
+           "epoch_time_s", "time_to_95_s", "trainable_params", "lr", "epochs_run", "max_epochs", "stopped_early",
+           "hit_cap_improving", "packed_payload_bytes", "lr_grid"]
+# the sweep stage's pareto_points(): number, trial params, trial val, seeds, mean and _ci per measure
+PARETO_COLUMNS = ["number", "method", "groups", "reduction", "placement", "task_bn", "bits", "prune_amount", "lr",
+                  "trial_val_acc", "seeds", "val_acc", "val_acc_ci", "test_acc", "test_acc_ci", "task_memory_bytes",
+                  "task_memory_bytes_ci", "memory_ratio", "memory_ratio_ci", "train_time_s", "train_time_s_ci",
+                  "epochs_run", "epochs_run_ci", "memory_pct", "hit_cap_improving"]
 TRIAL_COLUMNS = ["number", "state", "val_acc", "task_memory_bytes", "method", "groups", "reduction", "placement",
-                 "task_bn", "bits", "head_bits", "prune_amount", "lr", "memory_ratio", "adapter_memory_bytes",
-                 "sparsity", "train_time_s", "epochs_run", "fail_reason", "adapter", "duration_s"]
-# (target, method, precision, seed, val, test, task bytes, train s, epoch s, time to 95 s)
+                 "task_bn", "bits", "prune_amount", "lr", "memory_ratio", "adapter_memory_bytes", "sparsity",
+                 "train_time_s", "epochs_run", "hit_cap_improving", "fail_reason", "adapter", "duration_s"]
+# (target, method, precision, seed, val, test, task bytes, train s, epoch s, time to 95 s, epochs run,
+#  hit the cap still improving)
 RUNS = [
-    ("tA", "full", "binary", 0, 0.89, 0.90, BASE, 10.0, 2.0, 4.0),
-    ("tA", "full", "binary", 1, 0.91, 0.92, BASE, 14.0, 2.4, 6.0),
-    ("tA", "full", "fp32", 0, 0.93, 0.94, FP32, 20.0, 4.0, 8.0),
-    ("tA", "head", "binary", 0, 0.72, 0.70, 512.0, 2.0, 0.4, 1.0),
-    ("tA", "parallel", "binary", 0, 0.85, 0.95, 1126.4, 3.0, 0.55, 1.0),    # best test, but val .85 < .875
-    ("tA", "serial", "binary", 0, 0.8125, 0.86, 1024.0, 5.0, 1.1, 1.5),
-    ("tA", "serial", "binary", 1, 0.9375, 0.88, 1024.0, 5.8, 1.1, 2.5),     # val mean .875 (exact in binary)
-    ("tB", "full", "binary", 0, 0.78, 0.80, BASE, 8.0, 1.6, 0.0),           # never reached 95%: t95 = 0
-    ("tB", "full", "fp32", 0, 0.81, 0.82, FP32, 16.0, 3.2, 6.0),
-    ("tB", "head", "binary", 0, 0.58, 0.60, 512.0, 1.2, 0.24, 0.5),
-    ("tB", "parallel", "binary", 0, 0.70, 0.75, 1024.0, 6.0, 1.2, 3.0),
-    ("tB", "serial", "binary", 0, 0.74, 0.77, 1536.0, 2.0, 0.4, 1.0),      # best val, but 15% > budget
+    ("tA", "full", "binary", 0, 0.89, 0.90, BASE, 11.9, 2.0, 4.0, 12, False),
+    ("tA", "full", "binary", 1, 0.91, 0.92, BASE, 12.1, 2.4, 6.0, 14, False),
+    ("tA", "full", "fp32", 0, 0.93, 0.94, FP32, 20.0, 4.0, 8.0, 10, False),
+    ("tA", "head", "binary", 0, 0.71, 0.69, 512.0, 1.8, 0.4, 1.0, 9, False),
+    ("tA", "head", "binary", 1, 0.72, 0.70, 512.0, 2.0, 0.4, 1.0, 10, False),
+    ("tA", "head", "binary", 2, 0.73, 0.71, 512.0, 2.2, 0.4, 1.0, 11, False),
+    ("tA", "parallel", "binary", 0, 0.85, 0.95, 1126.4, 3.0, 0.55, 1.0, 8, False),  # best test, but val .85 < .875
+    ("tA", "serial", "binary", 0, 0.8125, 0.86, 1024.0, 5.0, 1.1, 1.5, 11, False),
+    ("tA", "serial", "binary", 1, 0.9375, 0.88, 1024.0, 5.8, 1.1, 2.5, 15, True),  # val mean .875 (exact in binary)
+    ("tB", "full", "binary", 0, 0.78, 0.80, BASE, 8.0, 1.6, 0.0, 9, False),       # never reached 95%: t95 = 0
+    ("tB", "full", "fp32", 0, 0.81, 0.82, FP32, 16.0, 3.2, 6.0, 10, False),
+    ("tB", "head", "binary", 0, 0.58, 0.60, 512.0, 1.2, 0.24, 0.5, 15, True),
+    ("tB", "parallel", "binary", 0, 0.70, 0.75, 1024.0, 6.0, 1.2, 3.0, 12, False),
+    ("tB", "serial", "binary", 0, 0.74, 0.77, 1536.0, 2.0, 0.4, 1.0, 7, False),   # best val, but 15% > budget
 ]
-# (number, method, memory_ratio, val, test)
+LR = {("tA", "full", "binary"): 0.005, ("tA", "full", "fp32"): 0.002, ("tA", "head", "binary"): 0.01,
+      ("tA", "serial", "binary"): 0.005, ("tA", "parallel", "binary"): 0.01,
+      ("tB", "full", "binary"): 0.005, ("tB", "full", "fp32"): 0.002, ("tB", "head", "binary"): 0.01,
+      ("tB", "serial", "binary"): 0.01, ("tB", "parallel", "binary"): 0.005}
+# One row per Pareto trial, as the sweep stage writes it after retraining each on every seed:
+# (number, method, memory_ratio, trial val, seeds, val, val_ci, test, test_ci, train s, train_ci, epochs, epochs_ci,
+#  runs that hit the cap still improving). Means and half-widths by hand from the per-seed values above:
 PARETO = {
-    "tA": [(4, "serial", 0.03, 0.80, 0.895), (2, "parallel", 0.08, 0.84, 0.905),
-           (9, "serial", 0.09, 0.875, 0.89), (5, "parallel", 0.20, 0.96, 0.93)],
-    "tB": [(0, "serial", 0.13, 0.74, 0.785), (1, "parallel", 0.30, 0.78, 0.78)],
+    "tA": [
+        # val (.79 + .81) / 2 = .80, half 12.7062 * .02 / 2 = .127062; test (.90 + .91) / 2 = .905, half
+        # 12.7062 * .01 / 2 = .063531; train 1.0/1.2 -> 1.1 ± 12.7062 * .2 / 2; epochs 10/12 -> 11 ± 12.7062
+        (4, "serial", 0.03, 0.80, 2, 0.80, T1 * 0.02 / 2, 0.905, T1 * 0.01 / 2, 1.1, T1 * 0.2 / 2, 11.0, T1 * 2 / 2, 0),
+        # val (.868 + .876) / 2 = .872, half 12.7062 * .008 / 2 = .0508248; test (.84 + .86) / 2 = .85 ± .127062
+        (2, "parallel", 0.08, 0.87, 2, 0.872, T1 * 0.008 / 2, 0.85, T1 * 0.02 / 2, 2.0, 0.0, 9.0, 0.0, 0),
+        # val (.87 + .88) / 2 = .875 ± .063531; test (.885 + .895) / 2 = .89 ± .063531
+        (9, "serial", 0.09, 0.88, 2, 0.875, T1 * 0.01 / 2, 0.89, T1 * 0.01 / 2, 2.5, 0.0, 10.0, 0.0, 0),
+        # val (.95 + .97) / 2 = .96 ± .127062; test (.89 + .90) / 2 = .895 ± .063531; epochs 14/15 -> 14.5 ±
+        # 12.7062 * 1 / 2; seed 1 ran to the cap still improving
+        (5, "parallel", 0.20, 0.95, 2, 0.96, T1 * 0.02 / 2, 0.895, T1 * 0.01 / 2, 4.0, 0.0, 14.5, T1 * 1 / 2, 1),
+    ],
+    "tB": [  # one seed: every half-width unknown
+        (0, "serial", 0.13, 0.75, 1, 0.755, NAN, 0.785, NAN, 2.0, NAN, 8.0, NAN, 0),
+        (1, "parallel", 0.30, 0.77, 1, 0.765, NAN, 0.795, NAN, 5.0, NAN, 12.0, NAN, 0),
+    ],
 }
-SWEEP_JSON = {  # hypervolume by hand (ref acc 0, memory 100%): non-dominated on test, strips in memory %
-    # tA: (3..8) x .895 + (8..20) x .905 + (20..100) x .93 = 4.475 + 10.86 + 74.4 = 89.735
-    "tA": {"complete": 9, "failed": 1, "fail_number": 7, "pareto_size": 4, "hypervolume": 89.735, "best_test_acc_le_12pct": 0.905,
+SWEEP_JSON = {  # hypervolume by hand (ref accuracy 0, memory 100%), strips in memory %, height = best so far
+    # val (chooses): (3..8) x .80 + (8..9) x .872 + (9..20) x .875 + (20..100) x .96
+    #              = 4.0 + .872 + 9.625 + 76.8 = 91.297
+    # test (reported only): .905 (trial 4) stays the best so far everywhere: (100 - 3) x .905 = 87.785
+    "tA": {"complete": 9, "failed": 1, "fail_number": 7, "pareto_size": 4, "seeds": 2, "hypervolume": 91.297,
+           "hypervolume_test": 87.785, "memory_pct_min": 3.0, "memory_pct_max": 20.0, "hit_cap_improving": 1,
            "wall_time_s": 40.0},
-    # tB: (13..100) x .785 = 68.295 (trial 1 is dominated on test)
-    "tB": {"complete": 4, "failed": 0, "fail_number": None, "pareto_size": 2, "hypervolume": 68.295, "best_test_acc_le_12pct": None,
+    # val: (13..30) x .755 + (30..100) x .765 = 12.835 + 53.55 = 66.385
+    # test: (13..30) x .785 + (30..100) x .795 = 13.345 + 55.65 = 68.995
+    "tB": {"complete": 4, "failed": 0, "fail_number": None, "pareto_size": 2, "seeds": 1, "hypervolume": 66.385,
+           "hypervolume_test": 68.995, "memory_pct_min": 13.0, "memory_pct_max": 30.0, "hit_cap_improving": 0,
            "wall_time_s": 35.5},
 }
 # stage wall times: prepare 1.0 + 1.5 + 2.5 = 5.0; pretrain 30.0 + 25.0 = 55.0;
@@ -107,15 +157,34 @@ TOTAL_WALL = 218.0
 DPI = 110  # params.yaml's report.dpi
 
 
-def _row(target, method, precision, seed, val, test, task, train, epoch, t95) -> dict:
+def _row(target, method, precision, seed, val, test, task, train, epoch, t95, epochs_run=10, cap=False,
+         lr=0.005) -> dict:
     adapter = method in ("serial", "parallel")
     keys = {"target": target, "method": method, "precision": precision,
-            "adapter_type": method if adapter else "none", **(ADAPTER if adapter else NONE),
+            "adapter_type": method if adapter else "none",
+            **(ADAPTER if adapter else {**NONE, "head_bits": HEAD_BITS[method]}),
             "task_bn": False if adapter else method == "full", "seed": seed}
     return {**keys, "sparsity": 0.0, "val_acc": val, "test_acc": test, "task_memory_bytes": task,
             "adapter_memory_bytes": 256.0 if adapter else 0.0, "base_memory_bytes": BASE,
-            "memory_ratio": task / BASE, "train_time_s": train, "epoch_time_s": epoch, "time_to_95_s": t95,
-            "trainable_params": 1234, "epochs": 6, "epochs_run": 6, "packed_payload_bytes": int(task)}
+            "memory_ratio": task / BASE, "train_time_s": train,
+            "prefix_time_s": 0.2 if adapter else 0.5 if method == "head" else 0.0,
+            "epoch_time_s": epoch, "time_to_95_s": t95, "trainable_params": 1234, "lr": lr,
+            "epochs_run": epochs_run, "max_epochs": MAX_EPOCHS, "stopped_early": epochs_run < MAX_EPOCHS,
+            "hit_cap_improving": cap, "packed_payload_bytes": int(task), "lr_grid": LR_GRID}
+
+
+def _results(runs) -> pd.DataFrame:
+    return pd.DataFrame([_row(*r, lr=LR.get(r[:3], 0.005)) for r in runs], columns=COLUMNS)
+
+
+def _pareto_frame(points) -> pd.DataFrame:
+    return pd.DataFrame([
+        {"number": n, "method": m, "groups": 8, "reduction": 1, "placement": "last:2", "task_bn": False, "bits": 4,
+         "prune_amount": 0.0, "lr": 0.005, "trial_val_acc": tv, "seeds": s, "val_acc": v, "val_acc_ci": vc,
+         "test_acc": t, "test_acc_ci": tc, "task_memory_bytes": r * BASE, "task_memory_bytes_ci": 0.0 if s > 1 else NAN,
+         "memory_ratio": r, "memory_ratio_ci": 0.0 if s > 1 else NAN, "train_time_s": tr, "train_time_s_ci": trc,
+         "epochs_run": e, "epochs_run_ci": ec, "memory_pct": 100 * r, "hit_cap_improving": cap}
+        for n, m, r, tv, s, v, vc, t, tc, tr, trc, e, ec, cap in points], columns=PARETO_COLUMNS)
 
 
 def _json(path: Path, obj: dict) -> None:
@@ -127,7 +196,7 @@ def write_results_set(reports: Path) -> Path:
     """A realistic reports/ folder, written by hand (no training)."""
     metrics = reports / "metrics"
     metrics.mkdir(parents=True, exist_ok=True)
-    rows = pd.DataFrame([_row(*r) for r in RUNS], columns=COLUMNS)
+    rows = _results(RUNS)
     rows.sort_values(["target", "method", "precision", "seed"], kind="stable").to_csv(reports / "results.csv", index=False)
     for name, (wall, sha) in PREPARE.items():
         _json(metrics / f"prepare_{name}.json", {"train_images": 140, "val_images": 30, "test_images": 30,
@@ -135,53 +204,61 @@ def write_results_set(reports: Path) -> Path:
     for precision, (mem, wall) in PRETRAIN.items():
         _json(metrics / f"pretrain_{precision}.json", {
             "val_acc": 0.95, "test_acc": 0.94, "memory_bytes": mem, "packed_payload_bytes": int(mem), "params": 20000,
-            "epochs": 8, "train_time_s": wall - 2.0, "epoch_time_s": (wall - 2.0) / 8, "time_to_95_s": 5.0,
+            "epochs_run": 8, "train_time_s": wall - 2.0, "epoch_time_s": (wall - 2.0) / 8, "time_to_95_s": 5.0,
             "dataset_sha256": "00112233445566aa", "wall_time_s": wall})
     for (target, var), wall in TRANSFER_WALL.items():
         method, precision = ("full", "fp32") if var == "full_fp32" else (var, "binary")
         runs = [r for r in RUNS if r[0] == target and r[1] == method and r[2] == precision]
+        lr = LR[(target, method, precision)]
         _json(metrics / f"transfer_{target}_{var}.json", {
             "val_acc": sum(r[4] for r in runs) / len(runs), "test_acc": sum(r[5] for r in runs) / len(runs),
-            "seeds": len(runs), "wall_time_s": wall})
-        curve = [{"seed": r[3], "epoch": e, "elapsed_train_s": round(r[7] * (e + 1) / 3, 4),
+            "seeds": len(runs), "lr": lr, "hit_cap_improving": sum(r[11] for r in runs), "wall_time_s": wall})
+        curve = [{"seed": r[3], "lr": lr, "epoch": e, "elapsed_train_s": round(r[7] * (e + 1) / 3, 4),
                   "val_acc": round(r[4] * (0.7 + 0.1 * e), 4)} for r in runs for e in range(3)]
         pd.DataFrame(curve).to_csv(metrics / f"transfer_{target}_{var}_curve.csv", index=False)
     for target, points in PARETO.items():
         folder = reports / "sweep" / target
         folder.mkdir(parents=True, exist_ok=True)
-        pareto = [{"number": n, "method": m, "groups": 8, "reduction": 1, "placement": "last:2", "task_bn": False,
-                   "bits": 4, "head_bits": 8, "prune_amount": 0.0, "lr": 0.005, "val_acc": v, "test_acc": t,
-                   "task_memory_bytes": r * BASE, "memory_ratio": r, "memory_pct": 100 * r}
-                  for n, m, r, v, t in points]
-        pd.DataFrame(pareto, columns=PARETO_COLUMNS).to_csv(folder / "pareto.csv", index=False)
+        _pareto_frame(points).to_csv(folder / "pareto.csv", index=False)
         s = SWEEP_JSON[target]
         on_front = {p[0]: p for p in points}
         trials = []
         for n in range(s["complete"] + s["failed"]):
-            if n in on_front:
-                _, m, r, v, _ = on_front[n]
+            if n in on_front:  # the trial's own single-seed val accuracy
+                _, m, r, v = on_front[n][:4]
             else:  # dominated trials: more memory, less val accuracy
                 m, r, v = ("serial" if n % 2 else "parallel"), 0.25 + 0.01 * n, 0.5 + 0.01 * n
             failed = n == s["fail_number"]
             trials.append({"number": n, "state": "FAIL" if failed else "COMPLETE",
                            "val_acc": None if failed else v, "task_memory_bytes": None if failed else r * BASE,
                            "method": m, "groups": 8, "reduction": 1, "placement": "last:2", "task_bn": False,
-                           "bits": 4, "head_bits": 8, "prune_amount": 0.0, "lr": 0.005,
+                           "bits": 4, "prune_amount": 0.0, "lr": 0.005,
                            "memory_ratio": None if failed else r, "adapter_memory_bytes": None if failed else 100.0,
-                           "sparsity": 0.0, "train_time_s": 1.0, "epochs_run": 3,
+                           "sparsity": 0.0, "train_time_s": 1.0, "epochs_run": 3, "hit_cap_improving": False,
                            "fail_reason": "TrainingDiverged" if failed else None,
                            "adapter": f"reports/sweep/{target}/trials/{n}/adapter.safetensors", "duration_s": 2.0})
         pd.DataFrame(trials, columns=TRIAL_COLUMNS).to_csv(folder / "trials.csv", index=False)
         _json(metrics / f"sweep_{target}.json", {
-            "study": f"{target}-0123abcd", "complete": s["complete"], "failed": s["failed"],
-            "pareto_size": s["pareto_size"], "hypervolume": s["hypervolume"],
+            "study": f"{target}-0123abcd", **{k: s[k] for k in (
+                "complete", "failed", "pareto_size", "seeds", "hypervolume", "hypervolume_test")},
             "reference_point": {"accuracy": 0.0, "memory_pct": 100.0},
-            "best_test_acc_le_12pct": s["best_test_acc_le_12pct"], "wall_time_s": s["wall_time_s"]})
+            **{k: s[k] for k in ("memory_pct_min", "memory_pct_max", "hit_cap_improving", "wall_time_s")}})
     return reports
 
 
 def default_raw() -> dict:
     return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_fixture_hypervolume_is_the_val_one():
+    """An independent path to SWEEP_JSON's hand numbers: the sweep stage's own hypervolume function on the
+    fixture's Pareto points (val means -> "hypervolume", test means -> "hypervolume_test")."""
+    from pipeline.train.pareto import hypervolume
+
+    for target, points in PARETO.items():
+        for split, key in ((5, "hypervolume"), (7, "hypervolume_test")):
+            got = hypervolume([(p[split], 100 * p[2]) for p in points], 0.0, 100.0)
+            assert got == pytest.approx(SWEEP_JSON[target][key], abs=1e-9), (target, key)
 
 
 # ------------------------------------------------------------------------------- markdown helpers
@@ -216,6 +293,30 @@ def png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
+# ------------------------------------------------------------------------------- intervals, by hand
+
+
+def test_mean_ci_matches_hand_t_intervals():
+    # two seeds .89/.91: mean .90, half 12.7062 * .02 / 2 = .127062
+    mean, half = mean_ci([0.89, 0.91])
+    assert (mean, half) == (pytest.approx(0.90, abs=1e-12), pytest.approx(T1 * 0.02 / 2, abs=1e-5))
+    # three seeds .69/.70/.71: mean .70, sd .01, half 4.3027 * .01 / sqrt(3) = .024841
+    mean, half = mean_ci([0.69, 0.70, 0.71])
+    assert (mean, half) == (pytest.approx(0.70, abs=1e-12), pytest.approx(T2 * 0.01 / math.sqrt(3), abs=1e-5))
+    # one seed: the width is unknown, not zero
+    mean, half = mean_ci([0.7])
+    assert mean == 0.7 and math.isnan(half)
+    # touching intervals (gap .5 = .25 + .25, exact in binary) overlap; any unknown width never separates
+    assert not distinguishable((0.5, 0.25), (1.0, 0.25))
+    assert distinguishable((0.5, 0.25), (1.0, 0.2))
+    assert not distinguishable((0.5, NAN), (1.0, 0.0))
+    # the printed forms: a fraction in % with the half-width in points, seconds with theirs
+    assert ci_pct(0.7, NAN) == "70.0% (1 seed)"
+    assert ci_pct(0.965, 0.008) == "96.5% ± 0.8"
+    assert ci_num(12.0, 25.4124) == "12.0 ± 25.4"
+    assert ci_num(12.0, NAN) == "12.0" and ci_num(12.0, 0.0) == "12.0"
+
+
 # ------------------------------------------------------------------------------- the stage, once
 
 
@@ -241,122 +342,214 @@ def test_intro_states_base_memory(rendered):
     assert "as % of the binary base (10.00 KiB)." in rendered["md"]
 
 
+def test_protocol_lists_seeds_lr_grid_head_bits_sweeps_and_flagged_runs(rendered):
+    md = rendered["md"]
+    assert md.count("\n## Protocol\n") == 1
+    assert md.index("## Protocol") < md.index("## 1. Accuracy")
+    # seeds in results.csv: 0, 1 (full, serial) and 2 (tA head); grid "0.002 0.005 0.01" on every row;
+    # new heads (head, serial, parallel) all 8-bit (full's 32 is not a new head);
+    # sweeps: tA 9 complete trials, 4 Pareto points; tB 4 trials, 2 points;
+    # lr chosen at an end of the grid (.002 or .01; the middle .005 is not): tA full fp32 .002, tA head .01,
+    #   tA parallel .01, tB full fp32 .002, tB head .01, tB serial .01 (in the runs table's order)
+    # flagged: results rows tA serial seed 1 + tB head seed 0 = 2, plus pareto.csv tA trial 5's 1 = 3
+    assert bullets(section(md, "Protocol")) == [
+        "- Seeds: 0, 1, 2; every number is the mean over seeds ± the 95% Student t half-width in points. "
+        "Intervals that overlap are called not distinguishable.",
+        "- Every arm (full binary, full fp32, head, serial, parallel): lr chosen on val from "
+        "{0.002 0.005 0.01} with the first of the seeds, the other seeds repeat it; up to the cap, early stopping on val "
+        "accuracy, best-val weights restored.",
+        "- Every new head (head, serial, parallel) is stored at 8-bit weights (bias float32); full finetuning "
+        "keeps its float head in its whole copy.",
+        "- Sweep on tA: 9 trials (own lr dimension, single seed, val only); its 4 Pareto points retrained on "
+        "every seed at the arms' budget.",
+        "- Sweep on tB: 4 trials (own lr dimension, single seed, val only); its 2 Pareto points retrained on "
+        "every seed at the arms' budget.",
+        "- Chosen lr at an end of its grid (the best lr may lie outside it): tA/full (fp32), tA/head, "
+        "tA/parallel, tB/full (fp32), tB/head, tB/serial.",
+        "- Runs that hit their epoch cap while val accuracy was still rising: 3 (flagged in the tables: their "
+        "numbers are not converged).",
+    ]
+
+
 def test_question1_best_adapter_chosen_on_val_with_gaps(rendered):
     text = section(rendered["md"], "1. Accuracy")
-    assert rendered["md"].count("## 1. Accuracy: the best adapter at <= 12% task memory") == 1
+    assert rendered["md"].count(
+        "## 1. Accuracy: the best adapter at <= 12% task memory vs standard transfer learning\n") == 1
     # tA candidates <= 12%: transfer serial (.10, val mean (.8125 + .9375) / 2 = .875), transfer parallel
-    # (.11, val .85, test .95 = best test), sweep trials 4 (.03, val .80), 2 (.08, val .84), 9 (.09, val .875);
+    # (.11, val .85, test .95 = best test), sweep trials 4 (.03, val .80), 2 (.08, val .872), 9 (.09, val .875);
     # trial 5 (.20, val .96) is over budget. Best val .875: trial 9 and transfer serial tie -> smaller .09.
-    # Test .89; binary full mean (.90 + .92) / 2 = .91 -> .89 - .91 = -2.0 pts; fp32 .94 -> -5.0 pts;
-    # head .70 -> +19.0 pts.
+    # Its test .89 ± .063531 -> "89.0% ± 6.4".
+    # vs binary full: test (.90 + .92) / 2 = .91 ± 12.7062 * .02 / 2 = .127062 -> "91.0% ± 12.7";
+    #   .89 - .91 = -2.0 pts; |gap| .02 < .0635 + .1271 -> not distinguishable
+    # vs fp32 full: .94, one seed -> "94.0% (1 seed)"; -5.0 pts; unknown width -> not distinguishable
+    # vs head: (.69 + .70 + .71) / 3 = .70 ± 4.3027 * .01 / sqrt(3) = .024841 -> "70.0% ± 2.5";
+    #   +19.0 pts; .19 > .0635 + .0248 = .0884 -> distinguishable (no suffix)
     # tB candidates <= 12%: transfer parallel only (.10, val .70; serial .15 and trials .13/.30 are over
-    # budget). Test .75: vs .80 -> -5.0 pts, vs .82 -> -7.0 pts, vs .60 -> +15.0 pts.
+    # budget). Test .75 (1 seed): vs .80 -> -5.0, vs .82 -> -7.0, vs .60 -> +15.0, all one seed ->
+    # not distinguishable.
     assert bullets(text) == [
         "- **tA**: the best adapter at <= 12% task memory (serial, sweep trial 9, 9.0% of the base, chosen on val) "
-        "reaches 89.0% test accuracy: -2.0 pts vs binary full finetune (91.0%), -5.0 pts vs fp32 full finetune "
-        "(94.0%), +19.0 pts vs head only (70.0%).",
-        "- **tB**: the best adapter at <= 12% task memory (parallel, transfer, 10.0% of the base, chosen on val) "
-        "reaches 75.0% test accuracy: -5.0 pts vs binary full finetune (80.0%), -7.0 pts vs fp32 full finetune "
-        "(82.0%), +15.0 pts vs head only (60.0%).",
+        "reaches 89.0% ± 6.4 test accuracy: -2.0 pts, not distinguishable vs binary full finetune (91.0% ± 12.7), "
+        "-5.0 pts, not distinguishable vs fp32 full finetune (94.0% (1 seed)), +19.0 pts vs head only "
+        "(70.0% ± 2.5).",
+        "- **tB**: the best adapter at <= 12% task memory (parallel, transfer stage, 10.0% of the base, chosen on "
+        "val) reaches 75.0% (1 seed) test accuracy: -5.0 pts, not distinguishable vs binary full finetune "
+        "(80.0% (1 seed)), -7.0 pts, not distinguishable vs fp32 full finetune (82.0% (1 seed)), +15.0 pts, "
+        "not distinguishable vs head only (60.0% (1 seed)).",
     ]
     assert table(text) == [
-        {"target": "tA", "best adapter <= 12%": "serial (sweep trial 9, 9.0%)", "adapter test acc": "89.0%",
-         "binary full": "91.0%", "gap vs binary full": "-2.0 pts", "fp32 full": "94.0%", "gap vs fp32 full": "-5.0 pts",
-         "head only": "70.0%", "gap vs head": "+19.0 pts"},
-        {"target": "tB", "best adapter <= 12%": "parallel (transfer, 10.0%)", "adapter test acc": "75.0%",
-         "binary full": "80.0%", "gap vs binary full": "-5.0 pts", "fp32 full": "82.0%", "gap vs fp32 full": "-7.0 pts",
-         "head only": "60.0%", "gap vs head": "+15.0 pts"},
+        {"target": "tA", "best adapter <= 12% (on val)": "serial (sweep trial 9, 9.0%)",
+         "adapter test acc": "89.0% ± 6.4", "binary full": "91.0% ± 12.7",
+         "gap vs binary full": "-2.0 pts, not distinguishable", "fp32 full": "94.0% (1 seed)",
+         "gap vs fp32 full": "-5.0 pts, not distinguishable", "head only": "70.0% ± 2.5", "gap vs head": "+19.0 pts"},
+        {"target": "tB", "best adapter <= 12% (on val)": "parallel (transfer stage, 10.0%)",
+         "adapter test acc": "75.0% (1 seed)", "binary full": "80.0% (1 seed)",
+         "gap vs binary full": "-5.0 pts, not distinguishable", "fp32 full": "82.0% (1 seed)",
+         "gap vs fp32 full": "-7.0 pts, not distinguishable", "head only": "60.0% (1 seed)",
+         "gap vs head": "+15.0 pts, not distinguishable"},
     ]
 
 
 def test_question2_time_ratios(rendered):
     text = section(rendered["md"], "2. Training time")
-    # tA binary full means: train (10 + 14) / 2 = 12.0 s, epoch (2.0 + 2.4) / 2 = 2.2 s, t95 (4 + 6) / 2 = 5.0 s
-    # serial: train (5.0 + 5.8) / 2 = 5.4 -> 5.4 / 12 = 0.45x; t95 (1.5 + 2.5) / 2 = 2.0 -> 2 / 5 = 0.40x;
-    #         epoch 1.1 / 2.2 = 0.50x
-    # parallel: 3 / 12 = 0.25x; t95 1 / 5 = 0.20x; epoch .55 / 2.2 = 0.25x
-    # head (table only): 2 / 12 = 0.1667 -> 0.17x; t95 1 / 5 = 0.20x; epoch .4 / 2.2 = 0.1818 -> 0.18x
-    # tB binary full: train 8.0, epoch 1.6, t95 0 (never reached) -> every time-to-95 ratio is n/a
+    # tA binary full means: train (11.9 + 12.1) / 2 = 12.0 s ± 12.7062 * .2 / 2 = 1.27062 -> "12.0 ± 1.3";
+    #   epoch (2.0 + 2.4) / 2 = 2.2 s, t95 (4 + 6) / 2 = 5.0 s, epochs run (12 + 14) / 2 = 13.0
+    # serial: train (5.0 + 5.8) / 2 = 5.4 ± 12.7062 * .8 / 2 = 5.08248 -> "5.4 ± 5.1" -> 5.4 / 12 = 0.45x;
+    #   t95 (1.5 + 2.5) / 2 = 2.0 -> 2 / 5 = 0.40x; epoch 1.1 / 2.2 = 0.50x; epochs (11 + 15) / 2 = 13.0;
+    #   |12.0 - 5.4| = 6.6 > 1.27062 + 5.08248 = 6.3531 -> distinguishable (no suffix)
+    # parallel: 3 / 12 = 0.25x; t95 1 / 5 = 0.20x; epoch .55 / 2.2 = 0.25x; one seed -> not distinguishable
+    # head (table only): (1.8 + 2.0 + 2.2) / 3 = 2.0 ± 4.3027 * .2 / sqrt(3) = .4968 -> "2.0 ± 0.5";
+    #   2 / 12 = 0.1667 -> 0.17x; t95 1 / 5 = 0.20x; epoch .4 / 2.2 = 0.1818 -> 0.18x; epochs (9+10+11)/3 = 10.0
+    # tB binary full (one seed): train 8.0, epoch 1.6, t95 0 (never reached) -> every time-to-95 ratio n/a
     # serial: 2 / 8 = 0.25x, epoch .4 / 1.6 = 0.25x; parallel: 6 / 8 = 0.75x, epoch 1.2 / 1.6 = 0.75x;
-    # head: 1.2 / 8 = 0.15x, epoch .24 / 1.6 = 0.15x
+    # head: 1.2 / 8 = 0.15x, epoch .24 / 1.6 = 0.15x; all one seed -> not distinguishable
     assert bullets(text) == [
-        "- **tA**, serial: 0.45x the training seconds of binary full finetune (5.4 s vs 12.0 s), 0.40x its time "
-        "to 95% of final val accuracy, 0.50x its epoch time.",
-        "- **tA**, parallel: 0.25x the training seconds of binary full finetune (3.0 s vs 12.0 s), 0.20x its time "
-        "to 95% of final val accuracy, 0.25x its epoch time.",
-        "- **tB**, serial: 0.25x the training seconds of binary full finetune (2.0 s vs 8.0 s), n/a its time "
-        "to 95% of final val accuracy, 0.25x its epoch time.",
-        "- **tB**, parallel: 0.75x the training seconds of binary full finetune (6.0 s vs 8.0 s), n/a its time "
-        "to 95% of final val accuracy, 0.75x its epoch time.",
+        "- **tA**, serial: 0.45x the training seconds of binary full finetune (5.4 ± 5.1 s vs 12.0 ± 1.3 s), "
+        "0.40x its time to 95% of final val accuracy, 0.50x its epoch time.",
+        "- **tA**, parallel: 0.25x the training seconds of binary full finetune (3.0 s vs 12.0 ± 1.3 s, not "
+        "distinguishable), 0.20x its time to 95% of final val accuracy, 0.25x its epoch time.",
+        "- **tB**, serial: 0.25x the training seconds of binary full finetune (2.0 s vs 8.0 s, not "
+        "distinguishable), n/a its time to 95% of final val accuracy, 0.25x its epoch time.",
+        "- **tB**, parallel: 0.75x the training seconds of binary full finetune (6.0 s vs 8.0 s, not "
+        "distinguishable), n/a its time to 95% of final val accuracy, 0.75x its epoch time.",
     ]
-    rows = table(text)
-    got = [(r["target"], r["method"], float(r["train s"]), float(r["binary full train s"]), r["train time ratio"],
-            r["time-to-95% ratio"], r["epoch time ratio"]) for r in rows]
+    got = [tuple(r.values()) for r in table(text)]
     assert got == [
-        ("tA", "head", 2.0, 12.0, "0.17x", "0.20x", "0.18x"),
-        ("tA", "serial", 5.4, 12.0, "0.45x", "0.40x", "0.50x"),
-        ("tA", "parallel", 3.0, 12.0, "0.25x", "0.20x", "0.25x"),
-        ("tB", "head", 1.2, 8.0, "0.15x", "n/a", "0.15x"),
-        ("tB", "serial", 2.0, 8.0, "0.25x", "n/a", "0.25x"),
-        ("tB", "parallel", 6.0, 8.0, "0.75x", "n/a", "0.75x"),
+        ("tA", "head", "2.0 ± 0.5", "12.0 ± 1.3", "0.17x", "0.20x", "0.18x", "10.0 vs 13.0"),
+        ("tA", "serial", "5.4 ± 5.1", "12.0 ± 1.3", "0.45x", "0.40x", "0.50x", "13.0 vs 13.0"),
+        ("tA", "parallel", "3.0", "12.0 ± 1.3", "0.25x", "0.20x", "0.25x", "8.0 vs 13.0"),
+        ("tB", "head", "1.2", "8.0", "0.15x", "n/a", "0.15x", "15.0 vs 9.0"),
+        ("tB", "serial", "2.0", "8.0", "0.25x", "n/a", "0.25x", "7.0 vs 9.0"),
+        ("tB", "parallel", "6.0", "8.0", "0.75x", "n/a", "0.75x", "12.0 vs 9.0"),
     ]
+    assert list(table(text)[0]) == ["target", "method", "train s", "binary full train s", "train time ratio",
+                                    "time-to-95% ratio", "epoch time ratio", "epochs run"]
 
 
-def test_question3_smallest_within_points_and_band(rendered):
+def test_question3_smallest_within_points_on_val_and_band(rendered):
     text = section(rendered["md"], "3. Size")
-    # tA binary full mean test .91: within 1 pt means test >= .90 -> trials 2 (.905, 8%) and 5 (.93, 20%)
-    # -> smallest 8.00%, inside 7%-12%. Within 3 pts: test >= .88 -> trials 4 (.895, 3%), 2, 9 (.89), 5
-    # -> smallest 3.00%, below the band.
-    # tB binary full .80: within 1 pt (>= .79): none of .785 / .78 -> not reached. Within 3 pts (>= .77):
-    # both -> smallest 13.00% (trial 0, test .785), above the band.
+    # tA binary full: val (.89 + .91) / 2 = .90 ± .127062 -> "90.0% ± 12.7"; test .91 ± .127062.
+    # Within 1 pt on val means val >= .89: only trial 5 (.96, 20%) -> 20.00%, above 7%-12%. Its val .96 ±
+    #   .127062 -> "96.0% ± 12.7"; test .895 ± .063531 -> "89.5% ± 6.4"; .895 - .91 = -1.5 pts, overlapping.
+    # Within 3 pts: val >= .87: trials 2 (.872, 8%), 9 (.875, 9%), 5, transfer serial (.875, 10%) -> 8.00%,
+    #   inside the band. Trial 2: val .872 ± .0508248 -> "87.2% ± 5.1"; test .85 ± .127062 -> "85.0% ± 12.7";
+    #   .85 - .91 = -6.0 pts, overlapping.
+    # (On test, trial 4 at 3% would have won both: test .905 >= .90 and >= .88; its val .80 is below .87.)
+    # tB binary full val .78 (1 seed). Within 1 pt (>= .77): none (trial 1 .765, trial 0 .755, serial .74,
+    #   parallel .70) -> the most accurate adapter on val is trial 1 (parallel, 30.00%): val .765 -> -1.5 pts
+    #   vs .78; test .795. Within 3 pts (>= .75): trial 0 (.755, 13%) and trial 1 -> 13.00%, above the band;
+    #   test .785 vs .80 -> -1.5 pts, one seed -> not distinguishable.
     assert bullets(text) == [
-        "- **tA**: the smallest task memory within 1 point of binary full finetune is 8.00% of the base "
-        "(trial 2, parallel, test 90.5%): inside the prior study's 7%-12% band.",
-        "- **tA**: the smallest task memory within 3 points of binary full finetune is 3.00% of the base "
-        "(trial 4, serial, test 89.5%): below the prior study's 7%-12% band.",
-        "- **tB**: no Pareto point is within 1 point of binary full finetune (80.0%).",
-        "- **tB**: the smallest task memory within 3 points of binary full finetune is 13.00% of the base "
-        "(trial 0, serial, test 78.5%): above the prior study's 7%-12% band.",
+        "- **tA**: the smallest task memory within 1 point of binary full finetune (on val: 96.0% ± 12.7 vs "
+        "90.0% ± 12.7) is 20.00% of the base (parallel, sweep trial 5): test 89.5% ± 6.4 vs 91.0% ± 12.7 for full "
+        "finetune (-1.5 pts, not distinguishable); above the prior study's 7%-12% band.",
+        "- **tA**: the smallest task memory within 3 points of binary full finetune (on val: 87.2% ± 5.1 vs "
+        "90.0% ± 12.7) is 8.00% of the base (parallel, sweep trial 2): test 85.0% ± 12.7 vs 91.0% ± 12.7 for full "
+        "finetune (-6.0 pts, not distinguishable); inside the prior study's 7%-12% band.",
+        "- **tB**: no adapter is within 1 point of binary full finetune on val (78.0% (1 seed)). The most "
+        "accurate adapter tried is parallel (sweep trial 1, 30.00% of the base): val 76.5% (1 seed), -1.5 pts "
+        "vs full; test 79.5% (1 seed).",
+        "- **tB**: the smallest task memory within 3 points of binary full finetune (on val: 75.5% (1 seed) vs "
+        "78.0% (1 seed)) is 13.00% of the base (serial, sweep trial 0): test 78.5% (1 seed) vs 80.0% (1 seed) "
+        "for full finetune (-1.5 pts, not distinguishable); above the prior study's 7%-12% band.",
     ]
     assert table(text) == [
-        {"target": "tA", "binary full": "91.0%", "smallest within 1 pt": "8.00%",
-         "within 1 pt vs band": "inside the prior study's 7%-12% band", "smallest within 3 pts": "3.00%",
-         "within 3 pts vs band": "below the prior study's 7%-12% band"},
-        {"target": "tB", "binary full": "80.0%", "smallest within 1 pt": "n/a",
-         "within 1 pt vs band": "not reached by any Pareto point", "smallest within 3 pts": "13.00%",
+        {"target": "tA", "binary full (val)": "90.0% ± 12.7", "smallest within 1 pt": "20.00%",
+         "its test acc (1 pt)": "89.5% ± 6.4", "within 1 pt vs band": "above the prior study's 7%-12% band",
+         "smallest within 3 pts": "8.00%", "its test acc (3 pts)": "85.0% ± 12.7",
+         "within 3 pts vs band": "inside the prior study's 7%-12% band"},
+        {"target": "tB", "binary full (val)": "78.0% (1 seed)", "smallest within 1 pt": "n/a",
+         "its test acc (1 pt)": "n/a", "within 1 pt vs band": "not reached by any adapter",
+         "smallest within 3 pts": "13.00%", "its test acc (3 pts)": "78.5% (1 seed)",
          "within 3 pts vs band": "above the prior study's 7%-12% band"},
     ]
 
 
-def test_runs_table_mean_and_std_across_seeds(rendered):
-    rows = table(section(rendered["md"], "All transfer runs"))
-    by = {(r["target"], r["method"], r["precision"]): r for r in rows}
-    assert len(rows) == 10  # 12 runs, two configs with 2 seeds each
-    full = by[("tA", "full", "binary")]
-    # test (.90 + .92) / 2 = 91.0%, std |.92 - .90| / sqrt(2) = .01414 -> 1.4%;
-    # train (10 + 14) / 2 = 12.0, std 4 / sqrt(2) = 2.83 -> 2.8; memory 10240 / 1024 = 10.00 KiB (100.0%)
-    assert (full["seeds"], full["test acc"], full["train s"], full["task memory"], full["adapter"]) == \
-        ("2", "91.0% ± 1.4%", "12.0 ± 2.8", "10.00 KiB (100.0%)", "")
-    serial = by[("tA", "serial", "binary")]
-    # test (.86 + .88) / 2 = 87.0% ± .01414 -> 1.4%; train (5.0 + 5.8) / 2 = 5.4, std .8 / sqrt(2) = .566 -> 0.6;
-    # memory 1024 / 1024 = 1.00 KiB, 1024 / 10240 = 10.0%
-    assert (serial["seeds"], serial["test acc"], serial["train s"], serial["task memory"], serial["adapter"]) == \
-        ("2", "87.0% ± 1.4%", "5.4 ± 0.6", "1.00 KiB (10.0%)", "g16 r1 last:3 4-bit")
-    single = by[("tA", "parallel", "binary")]
-    # one seed: no "±"; 1126.4 / 1024 = 1.10 KiB, 1126.4 / 10240 = 11.0%
-    assert (single["seeds"], single["test acc"], single["train s"], single["task memory"]) == \
-        ("1", "95.0%", "3.0", "1.10 KiB (11.0%)")
-    fp32 = by[("tB", "full", "fp32")]
-    # 327680 / 1024 = 320.00 KiB, 327680 / 10240 = 32 = 3200.0%
-    assert (fp32["test acc"], fp32["task memory"]) == ("82.0%", "320.00 KiB (3200.0%)")
+def test_runs_table_mean_and_ci_across_seeds(rendered):
+    md = rendered["md"]
+    assert md.count("\n## All transfer runs (mean ± 95% interval across seeds)\n") == 1
+    rows = table(section(md, "All transfer runs"))
+    assert list(rows[0]) == ["target", "method", "precision", "adapter", "head bits", "seeds", "val acc", "test acc",
+                             "task memory", "train s", "epochs run", "lr (chosen on val)", "hit cap improving"]
+    # tabulate prints all-number columns as numbers: compare those as floats
+    numeric = ("head bits", "seeds", "epochs run", "hit cap improving")
+    got = [{k: float(v) if k in numeric else v for k, v in r.items()} for r in rows]
+    ad = "g16 r1 last:3 4-bit"
+    grid = " of 0.002 0.005 0.01"
+
+    def row(t, m, p, a, hb, n, val, test, mem, train, ep, lr, cap):
+        return {"target": t, "method": m, "precision": p, "adapter": a, "head bits": hb, "seeds": n, "val acc": val,
+                "test acc": test, "task memory": mem, "train s": train, "epochs run": ep,
+                "lr (chosen on val)": lr + grid, "hit cap improving": cap}
+
+    # 14 runs -> 10 configurations (tA full binary and serial: 2 seeds, tA head: 3), sorted by target, method,
+    # precision. Two seeds a, b: half = 12.7062 * |a - b| / 2; three seeds spaced d: half = 4.3027 * d / sqrt(3).
+    assert got == [
+        # val (.89 + .91) / 2 = 90.0 ± 12.7062 * .02 / 2 = 12.7; test 91.0 ± 12.7; 10240 / 1024 = 10.00 KiB
+        # (100.0%); train (11.9 + 12.1) / 2 = 12.0 ± 12.7062 * .2 / 2 = 1.3; epochs (12 + 14) / 2 = 13
+        row("tA", "full", "binary", "", 32, 2, "90.0% ± 12.7", "91.0% ± 12.7", "10.00 KiB (100.0%)", "12.0 ± 1.3",
+            13, "0.005", 0),
+        # 327680 / 1024 = 320.00 KiB, 327680 / 10240 = 32 = 3200.0%; one seed
+        row("tA", "full", "fp32", "", 32, 1, "93.0% (1 seed)", "94.0% (1 seed)", "320.00 KiB (3200.0%)", "20.0",
+            10, "0.002", 0),
+        # val .71/.72/.73 -> 72.0 ± 4.3027 * .01 / sqrt(3) = 2.48 -> 2.5; test .69/.70/.71 -> 70.0 ± 2.5;
+        # 512 / 1024 = 0.50 KiB, 512 / 10240 = 5.0%; train 1.8/2.0/2.2 -> 2.0 ± 4.3027 * .2 / sqrt(3) = 0.50;
+        # epochs (9 + 10 + 11) / 3 = 10
+        row("tA", "head", "binary", "", 8, 3, "72.0% ± 2.5", "70.0% ± 2.5", "0.50 KiB (5.0%)", "2.0 ± 0.5",
+            10, "0.01", 0),
+        # one seed; 1126.4 / 1024 = 1.10 KiB, 1126.4 / 10240 = 11.0%
+        row("tA", "parallel", "binary", ad, 8, 1, "85.0% (1 seed)", "95.0% (1 seed)", "1.10 KiB (11.0%)", "3.0",
+            8, "0.01", 0),
+        # val (.8125 + .9375) / 2 = 87.5 ± 12.7062 * .125 / 2 = 79.4; test (.86 + .88) / 2 = 87.0 ± 12.7;
+        # 1024 / 1024 = 1.00 KiB (10.0%); train 5.4 ± 12.7062 * .8 / 2 = 5.08 -> 5.1; epochs (11 + 15) / 2 = 13;
+        # seed 1 hit the cap still improving -> 1
+        row("tA", "serial", "binary", ad, 8, 2, "87.5% ± 79.4", "87.0% ± 12.7", "1.00 KiB (10.0%)", "5.4 ± 5.1",
+            13, "0.005", 1),
+        row("tB", "full", "binary", "", 32, 1, "78.0% (1 seed)", "80.0% (1 seed)", "10.00 KiB (100.0%)", "8.0",
+            9, "0.005", 0),
+        row("tB", "full", "fp32", "", 32, 1, "81.0% (1 seed)", "82.0% (1 seed)", "320.00 KiB (3200.0%)", "16.0",
+            10, "0.002", 0),
+        row("tB", "head", "binary", "", 8, 1, "58.0% (1 seed)", "60.0% (1 seed)", "0.50 KiB (5.0%)", "1.2",
+            15, "0.01", 1),
+        # 1024 bytes = 1.00 KiB (10.0%)
+        row("tB", "parallel", "binary", ad, 8, 1, "70.0% (1 seed)", "75.0% (1 seed)", "1.00 KiB (10.0%)", "6.0",
+            12, "0.005", 0),
+        # 1536 / 1024 = 1.50 KiB, 1536 / 10240 = 15.0%
+        row("tB", "serial", "binary", ad, 8, 1, "74.0% (1 seed)", "77.0% (1 seed)", "1.50 KiB (15.0%)", "2.0",
+            7, "0.01", 0),
+    ]
 
 
 def test_sweep_table(rendered):
     rows = table(section(rendered["md"], "Sweeps"))
-    got = [(r["target"], int(r["complete trials"]), int(r["failed"]), int(r["Pareto points"]), float(r["hypervolume"]),
+    got = [(r["target"], int(r["complete trials"]), int(r["failed"]), int(r["Pareto points"]), int(r["seeds each"]),
+            r["memory range"], float(r["hypervolume (val)"]), float(r["hypervolume (test, reported only)"]),
             r["reference point"]) for r in rows]
-    assert got == [("tA", 9, 1, 4, 89.735, "{'accuracy': 0.0, 'memory_pct': 100.0}"),
-                   ("tB", 4, 0, 2, 68.295, "{'accuracy': 0.0, 'memory_pct': 100.0}")]
+    # hypervolumes as derived beside SWEEP_JSON: val is the one that compares sweeps; memory range = the
+    # Pareto points' min-max memory %: tA 3-20, tB 13-30
+    assert got == [("tA", 9, 1, 4, 2, "3.0-20.0%", 91.297, 87.785, "{'accuracy': 0.0, 'memory_pct': 100.0}"),
+                   ("tB", 4, 0, 2, 1, "13.0-30.0%", 66.385, 68.995, "{'accuracy': 0.0, 'memory_pct': 100.0}")]
+    assert "(mean val accuracy over seeds x memory % of base)" in section(rendered["md"], "Sweeps")
 
 
 def test_stage_wall_times_and_total(rendered):
@@ -412,7 +605,7 @@ def test_plots_exist_with_expected_pixel_size_and_are_embedded(rendered):
     assert "N = 1..10 tasks" in figures[embeds[4][0]]
 
 
-# ------------------------------------------------------------------------------- question 1 variants
+# ------------------------------------------------------------------------------- choices on val only
 
 
 @pytest.fixture(scope="module")
@@ -420,14 +613,29 @@ def inputs(tmp_path_factory):
     return analysis.load_inputs(write_results_set(tmp_path_factory.mktemp("inputs") / "reports"))
 
 
+def _inputs(runs, pareto: dict) -> analysis.Inputs:
+    """Hand-built inputs (no files): runs as in RUNS, pareto as {target: PARETO-style points}."""
+    return analysis.Inputs(_results(runs), {"pretrain_binary": {"memory_bytes": BASE}}, {}, {},
+                           {t: _pareto_frame(p) for t, p in pareto.items()})
+
+
+def _pick(row) -> tuple | None:
+    return None if row is None else (row.source, row.method, round(float(row.memory_ratio), 9))
+
+
 def test_question1_budget_is_inclusive(inputs):
-    # max_ratio .08: tA candidates trial 4 (.03, val .80) and trial 2 (.08 exactly, val .84) -> trial 2,
-    # test .905 -> 90.5%; .905 - .91 = -0.5 pts. tB: nothing <= 8% (parallel .10).
+    # max_ratio .08: tA candidates trial 4 (.03, val .80) and trial 2 (.08 exactly, val .872) -> trial 2,
+    # test .85 ± .127062 -> "85.0% ± 12.7"; vs full .91 ± .127062: -6.0 pts, overlapping; vs fp32 .94 (1 seed):
+    # -9.0 pts; vs head .70 ± .024841: +15.0 pts, and .15 < .127062 + .024841 = .151903 -> still overlapping.
+    # tB: nothing <= 8% (parallel .10).
     text, _ = accuracy_section(inputs, 0.08)
-    assert bullets(text)[0].startswith(
+    assert bullets(text) == [
         "- **tA**: the best adapter at <= 8% task memory (parallel, sweep trial 2, 8.0% of the base, chosen on val) "
-        "reaches 90.5% test accuracy: -0.5 pts vs binary full finetune (91.0%)")
-    assert bullets(text)[1] == "- **tB**: no adapter configuration reached <= 8% of the base's memory."
+        "reaches 85.0% ± 12.7 test accuracy: -6.0 pts, not distinguishable vs binary full finetune (91.0% ± 12.7), "
+        "-9.0 pts, not distinguishable vs fp32 full finetune (94.0% (1 seed)), +15.0 pts, not distinguishable vs "
+        "head only (70.0% ± 2.5).",
+        "- **tB**: no adapter configuration reached <= 8% of the base's memory.",
+    ]
 
 
 def test_question1_none_below_budget(inputs):
@@ -435,7 +643,8 @@ def test_question1_none_below_budget(inputs):
     text, tab = accuracy_section(inputs, 0.02)
     assert bullets(text) == ["- **tA**: no adapter configuration reached <= 2% of the base's memory.",
                              "- **tB**: no adapter configuration reached <= 2% of the base's memory."]
-    assert list(tab["best adapter <= 2%"]) == ["none", "none"]
+    assert list(tab["best adapter <= 2% (on val)"]) == ["none", "none"]
+    assert list(tab["adapter test acc"]) == ["n/a", "n/a"]
     assert list(tab["gap vs binary full"]) == ["n/a", "n/a"]
 
 
@@ -444,13 +653,133 @@ def test_question1_val_tie_from_seed_mean_goes_to_smaller_memory():
     # 320/375 and 322/375: mean 321/375 = .856; sweep trial 1 reaches 321/375 = .856 at 5% < 10%.
     # Equal val -> the smaller one (trial 1) must win. Floating point: (320/375 + 322/375) / 2 is
     # 0.8560000000000001 while 321/375 is 0.856, so an exact comparison picks the 10% transfer run.
-    results = pd.DataFrame([_row("tC", "serial", "binary", s, k / 375, 0.80, 1024.0, 5.0, 1.0, 2.0)
-                            for s, k in ((0, 320), (1, 322))], columns=COLUMNS)
-    pareto = pd.DataFrame([{"number": 1, "method": "parallel", "val_acc": 321 / 375, "test_acc": 0.83,
-                            "task_memory_bytes": 512.0, "memory_ratio": 0.05, "memory_pct": 5.0}])
-    inputs = analysis.Inputs(results, {"pretrain_binary": {"memory_bytes": BASE}}, {}, {}, {"tC": pareto})
+    inputs = _inputs([("tC", "serial", "binary", s, k / 375, 0.80, 1024.0, 5.0, 1.0, 2.0)
+                      for s, k in ((0, 320), (1, 322))],
+                     {"tC": [(1, "parallel", 0.05, 0.86, 2, 321 / 375, 0.01, 0.83, 0.01, 2.0, 0.0, 9.0, 0.0, 0)]})
     best = analysis.best_adapter(inputs, "tC", 0.12)
     assert (best.source, best.memory_ratio, best.test_acc) == ("sweep trial 1", 0.05, 0.83)
+
+
+def test_question3_chooses_on_val_not_on_test(inputs):
+    # Main fixture, tA: binary full val (.89 + .91) / 2 = .90, test (.90 + .92) / 2 = .91.
+    # Trial 4 (3%): test .905 >= .91 - .01 (within 1 pt on test) but val .80 < .90 - .03 -> never chosen.
+    # Trial 5 (20%): val .96 >= .89, test .895 < .90 -> chosen within 1 pt.
+    # Trial 2 (8%): val .872 >= .87, test .85 < .88 -> chosen within 3 pts.
+    assert _pick(analysis.smallest_within(inputs, "tA", 1)) == ("sweep trial 5", "parallel", 0.20)
+    assert _pick(analysis.smallest_within(inputs, "tA", 3)) == ("sweep trial 2", "parallel", 0.08)
+    # tB: full val .78 / test .80; trial 1 (30%) test .795 >= .79 but val .765 < .77 -> nothing within 1 pt
+    assert analysis.smallest_within(inputs, "tB", 1) is None
+    assert _pick(analysis.most_accurate(inputs, "tB")) == ("sweep trial 1", "parallel", 0.30)
+
+    # A minimal case. Full (1 seed): val .90, test .90. P1 (2%): val .85, test .90 = full's (within any k on
+    # test, within k on val only for k >= 5). P2 (5%): val .895, test .80 (within 1 pt on val, 10 pts
+    # below on test).
+    case = _inputs([("tE", "full", "binary", 0, 0.90, 0.90, BASE, 8.0, 1.0, 4.0)],
+                   {"tE": [(1, "serial", 0.02, 0.85, 1, 0.85, NAN, 0.90, NAN, 1.0, NAN, 5.0, NAN, 0),
+                           (2, "parallel", 0.05, 0.895, 1, 0.895, NAN, 0.80, NAN, 1.0, NAN, 5.0, NAN, 0)]})
+    # k = 1: val >= .89 -> P2 only (on test it would be P1, the smaller); k = 3: val >= .87 -> P2 again
+    assert _pick(analysis.smallest_within(case, "tE", 1)) == ("sweep trial 2", "parallel", 0.05)
+    assert _pick(analysis.smallest_within(case, "tE", 3)) == ("sweep trial 2", "parallel", 0.05)
+    # k = 6: val >= .84 -> both, the smaller P1 wins; k = 0.4: val >= .896 -> none, though P1's test ties full
+    assert _pick(analysis.smallest_within(case, "tE", 6)) == ("sweep trial 1", "serial", 0.02)
+    assert analysis.smallest_within(case, "tE", 0.4) is None
+    # best at <= 12% and most accurate: P2 (val .895 > .85) although P1 has the better test
+    assert _pick(analysis.best_adapter(case, "tE", 0.12)) == ("sweep trial 2", "parallel", 0.05)
+    assert _pick(analysis.most_accurate(case, "tE")) == ("sweep trial 2", "parallel", 0.05)
+    text, tab = size_section(case, (0.07, 0.12))
+    assert list(tab["smallest within 1 pt"]) == ["5.00%"]
+    assert list(tab["its test acc (1 pt)"]) == ["80.0% (1 seed)"]
+    assert bullets(text)[0] == (
+        "- **tE**: the smallest task memory within 1 point of binary full finetune (on val: 89.5% (1 seed) vs "
+        "90.0% (1 seed)) is 5.00% of the base (parallel, sweep trial 2): test 80.0% (1 seed) vs 90.0% (1 seed) "
+        "for full finetune (-10.0 pts, not distinguishable); below the prior study's 7%-12% band.")
+
+
+# Chosen (source, method, memory_ratio) on the main fixture, as derived in the question 1 and 3 tests
+CHOICES = {
+    ("tA", "best <= 12%"): ("sweep trial 9", "serial", 0.09),
+    ("tA", "within 1 pt"): ("sweep trial 5", "parallel", 0.20),
+    ("tA", "within 3 pts"): ("sweep trial 2", "parallel", 0.08),
+    ("tB", "best <= 12%"): ("transfer stage", "parallel", 0.10),
+    ("tB", "within 1 pt"): None,
+    ("tB", "within 3 pts"): ("sweep trial 0", "serial", 0.13),
+}
+
+
+def _choices(inp: analysis.Inputs) -> dict:
+    out = {}
+    for t in ("tA", "tB"):
+        out[(t, "best <= 12%")] = _pick(analysis.best_adapter(inp, t, 0.12))
+        out[(t, "within 1 pt")] = _pick(analysis.smallest_within(inp, t, 1))
+        out[(t, "within 3 pts")] = _pick(analysis.smallest_within(inp, t, 3))
+    return out
+
+
+def _scrambled(inp: analysis.Inputs, column: str, seed: int) -> tuple[analysis.Inputs, int]:
+    """`column` of every results.csv row and every pareto.csv row (all targets) pooled, shuffled and dealt
+    back (the pareto rows' `<column>_ci` shuffled among them too). Returns the inputs and how many values moved."""
+    rng = random.Random(seed)
+    results = inp.results.copy()
+    pareto = {t: p.copy() for t, p in inp.pareto.items()}
+    pooled = list(results[column]) + [v for t in sorted(pareto) for v in pareto[t][column]]
+    dealt = pooled[:]
+    rng.shuffle(dealt)
+    results[column] = dealt[:len(results)]
+    i = len(results)
+    cis = [v for t in sorted(pareto) for v in pareto[t][f"{column}_ci"]]
+    rng.shuffle(cis)
+    j = 0
+    for t in sorted(pareto):
+        n = len(pareto[t])
+        pareto[t][column] = dealt[i:i + n]
+        pareto[t][f"{column}_ci"] = cis[j:j + n]
+        i, j = i + n, j + n
+    moved = sum(a != b for a, b in zip(pooled, dealt))
+    return analysis.Inputs(results, inp.metrics, inp.curves, inp.trials, pareto), moved
+
+
+def test_scrambling_test_numbers_changes_no_choice(inputs):
+    assert _choices(inputs) == CHOICES
+    before_acc = accuracy_section(inputs, 0.12)[1]["best adapter <= 12% (on val)"].tolist()
+    before_size = size_section(inputs, (0.07, 0.12))[1][["smallest within 1 pt", "smallest within 3 pts"]]
+    for seed in range(20):
+        scrambled, moved = _scrambled(inputs, "test_acc", seed)
+        assert moved >= 10, seed  # 20 pooled values (14 runs + 6 Pareto points): most land elsewhere
+        assert _choices(scrambled) == CHOICES, seed
+        assert accuracy_section(scrambled, 0.12)[1]["best adapter <= 12% (on val)"].tolist() == before_acc
+        assert size_section(scrambled, (0.07, 0.12))[1][["smallest within 1 pt", "smallest within 3 pts"]] \
+            .equals(before_size)
+    # the same comparison does see a scramble of the numbers that choose: val
+    assert any(_choices(_scrambled(inputs, "val_acc", seed)[0]) != CHOICES for seed in range(20))
+
+
+def test_not_distinguishable_only_when_intervals_overlap():
+    # Binary full (2 seeds) test .905/.915: mean .91, half 12.7062 * .01 / 2 = .063531 -> "91.0% ± 6.4".
+    # fp32 (1 seed) .93: unknown width -> never distinguishable. Head (2 seeds) .60/.60: half 0 -> "60.0% ± 0.0".
+    # Adapter (2 seeds, 5%): tD .84/.84 (half 0): gap .07 > .063531 + 0 -> apart -> "-7.0 pts";
+    #                        tE .85/.85 (half 0): gap .06 < .063531     -> overlap -> "-6.0 pts, not distinguishable".
+    # (A 1.96 z-quantile, or the sd instead of the half-width, would call both apart; the t quantile decides.)
+    runs = []
+    for t, a in (("tD", 0.84), ("tE", 0.85)):
+        runs += [(t, "full", "binary", 0, 0.90, 0.905, BASE, 10.0, 1.0, 4.0),
+                 (t, "full", "binary", 1, 0.90, 0.915, BASE, 10.0, 1.0, 4.0),
+                 (t, "full", "fp32", 0, 0.92, 0.93, FP32, 20.0, 2.0, 8.0),
+                 (t, "head", "binary", 0, 0.60, 0.60, 512.0, 1.0, 0.2, 0.5),
+                 (t, "head", "binary", 1, 0.60, 0.60, 512.0, 1.0, 0.2, 0.5),
+                 (t, "serial", "binary", 0, 0.88, a, 512.0, 5.0, 0.5, 2.0),
+                 (t, "serial", "binary", 1, 0.88, a, 512.0, 5.0, 0.5, 2.0)]
+    text, tab = accuracy_section(_inputs(runs, {}), 0.12)
+    # vs fp32: .84 - .93 = -9.0, .85 - .93 = -8.0 pts; vs head: +24.0 / +25.0 pts, gap > 0 + 0 -> apart
+    assert bullets(text) == [
+        "- **tD**: the best adapter at <= 12% task memory (serial, transfer stage, 5.0% of the base, chosen on val) "
+        "reaches 84.0% ± 0.0 test accuracy: -7.0 pts vs binary full finetune (91.0% ± 6.4), -9.0 pts, not "
+        "distinguishable vs fp32 full finetune (93.0% (1 seed)), +24.0 pts vs head only (60.0% ± 0.0).",
+        "- **tE**: the best adapter at <= 12% task memory (serial, transfer stage, 5.0% of the base, chosen on val) "
+        "reaches 85.0% ± 0.0 test accuracy: -6.0 pts, not distinguishable vs binary full finetune (91.0% ± 6.4), "
+        "-8.0 pts, not distinguishable vs fp32 full finetune (93.0% (1 seed)), +25.0 pts vs head only (60.0% ± 0.0).",
+    ]
+    assert list(tab["gap vs binary full"]) == ["-7.0 pts", "-6.0 pts, not distinguishable"]
+    assert list(tab["gap vs head"]) == ["+24.0 pts", "+25.0 pts"]
 
 
 # ------------------------------------------------------------------------------- missing inputs

@@ -19,7 +19,7 @@ from conftest import BIN, make_project, run_cli, tiny_params
 pytestmark = pytest.mark.slow
 
 PARAMS = tiny_params(**{
-    "data.datasets.mnist_0to4.max_per_class": 150, "model.width": 8, "pretrain.optim.epochs": 6,
+    "data.datasets.mnist_0to4.max_per_class": 150, "model.width": 8, "pretrain.optim.max_epochs": 6, "pretrain.optim.patience": 6,
     "pretrain.precisions": ["binary"], "transfer.baselines": [], "transfer.adapters": ["serial"],
 })
 
@@ -62,7 +62,7 @@ def test_killed_pretrain_resumes_and_matches_uninterrupted(runs):
     assert killed_midway, "the pretrain finished before it could be killed; make the run longer"
     assert "resuming pretrain-binary from" in out
     ma, mc = metrics(a), metrics(c)
-    for key in ("val_acc", "test_acc", "memory_bytes", "epochs"):
+    for key in ("val_acc", "test_acc", "memory_bytes", "epochs_run"):
         assert ma[key] == mc[key], key
     assert sha(a / "models/base/binary/model.pt") == sha(c / "models/base/binary/model.pt")
     # the resumed run continued the killed run's MLflow run, tagged where it resumed from

@@ -116,7 +116,7 @@ def test_workers_starting_together_on_an_empty_database(postgres):
 
 def test_two_workers_postgres_and_mlflow_server(postgres, mlflow_server, tmp_path):
     n = 4
-    params = tiny_params(**{"pretrain.precisions": ["binary"], "sweep.epochs": 1, "sweep.space.groups": [2],
+    params = tiny_params(**{"pretrain.precisions": ["binary"], "sweep.max_epochs": 1, "sweep.space.groups": [2],
                             "sweep.space.placement": ["last:1", "last:2"], "sweep.space.bits": [4, 8]})
     root = make_project(tmp_path / "proj", params)
     run_cli([str(BIN / "dvc"), "repro", "pretrain@binary", "prepare@mnist_5to9"], root,

@@ -35,13 +35,12 @@ SPACE = {
     "reduction": [1],
     "placement": ["last:1", "last:2"],
     "bits": [4, 8],
-    "head_bits": [8],
     "prune_amount": [0.0],
     "task_bn": [False],
     "lr": {"low": 0.005, "high": 0.01, "log": True},
 }
 PRINTED = re.compile(r"sweep mnist_5to9 \((?P<name>[^)]+)\): (?P<complete>\d+) complete, (?P<failed>\d+) failed")
-PARAM_KEYS = ("method", "groups", "reduction", "placement", "task_bn", "bits", "head_bits", "prune_amount", "lr")
+PARAM_KEYS = ("method", "groups", "reduction", "placement", "task_bn", "bits", "prune_amount", "lr")
 
 
 def _journal(root: Path) -> JournalStorage:
@@ -123,14 +122,14 @@ def _area(points: list[tuple[float, float]], ref_a: float, ref_m: float) -> floa
 def project(built_project, tmp_path_factory) -> dict:
     """A copy of the session's built project (prepared target, binary base) with this file's
     sweep settings in its params.yaml."""
-    params = tiny_params(**{"sweep.epochs": 1, "sweep.patience": 1, "sweep.stale_after_s": 5,
+    params = tiny_params(**{"sweep.max_epochs": 1, "transfer.optim.patience": 1, "sweep.stale_after_s": 5,
                             "sweep.space": copy.deepcopy(SPACE)})
     root = copy_project(built_project[0], tmp_path_factory.mktemp("sweep") / "proj")
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     # longer trials for the tests that must catch a trial RUNNING or see two workers overlap
     slow = copy.deepcopy(params)
-    slow["sweep"]["epochs"] = 15
-    slow["sweep"]["patience"] = 15
+    slow["sweep"]["max_epochs"] = 15
+    slow["transfer"]["optim"]["patience"] = 15
     return {"root": root, "params": params, "slow": _write_params(root, "params_slow.yaml", slow)}
 
 

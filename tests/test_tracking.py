@@ -35,7 +35,7 @@ def test_default_uri_and_overrides(monkeypatch, tmp_path):
 
 def test_every_method_carries_the_same_keys():
     params = parse_params({})
-    keys = [set(transfer_keys("t", m, "binary", params.adapter, 0)) for m in ("full", "head", "serial", "parallel")]
+    keys = [set(transfer_keys("t", m, "binary", params.adapter, 0, 8)) for m in ("full", "head", "serial", "parallel")]
     assert all(k == keys[0] for k in keys)
-    head = transfer_keys("t", "head", "binary", params.adapter, 0)
+    head = transfer_keys("t", "head", "binary", params.adapter, 0, 8)
     assert (head["adapter_type"], head["groups"], head["adapter_bits"]) == ("none", 0, 0)

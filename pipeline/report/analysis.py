@@ -11,10 +11,14 @@ from typing import Optional
 import pandas as pd
 
 from pipeline.errors import UserError
+from pipeline.stats import mean_ci
 
 CONFIG = ["target", "method", "precision", "adapter_type", "groups", "reduction", "placement",
           "adapter_bits", "head_bits", "prune_amount", "task_bn"]
 ADAPTERS = ("serial", "parallel")
+# per-seed columns averaged with a 95% interval
+MEASURES = ("val_acc", "test_acc", "task_memory_bytes", "memory_ratio", "train_time_s", "time_to_95_s",
+            "epoch_time_s", "epochs_run")
 MAKERS = {  # input (relative to the reports folder) -> the stage that writes it
     "results.csv": "results",
     "metrics/pretrain_binary.json": "pretrain@binary",
@@ -51,7 +55,7 @@ def _need(path: Path, maker: str) -> None:
 def load_inputs(reports: Path = Path("reports")) -> Inputs:
     for rel, maker in MAKERS.items():
         _need(reports / rel, maker)
-    results = pd.read_csv(reports / "results.csv")
+    results = pd.read_csv(reports / "results.csv", dtype={"lr_grid": str})  # "0.005" stays the grid's text
     metrics = {}
     for f in sorted((reports / "metrics").glob("*.json")):
         try:
@@ -69,24 +73,24 @@ def load_inputs(reports: Path = Path("reports")) -> Inputs:
     return Inputs(results, metrics, curves, trials, pareto)
 
 
-def mean_std(values: pd.Series) -> tuple[float, float]:
-    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
-
-
 def per_config(results: pd.DataFrame) -> pd.DataFrame:
-    """One row per configuration: means and standard deviations across seeds."""
+    """One row per configuration: mean and 95% Student t half-width (`<key>_ci`) across seeds,
+    the chosen lr and what it was chosen from, epochs run, and how many runs hit their cap while
+    still improving."""
     cols = [c for c in CONFIG if c in results.columns]
-    agg = results.groupby(cols, dropna=False).agg(
-        seeds=("seed", "count"),
-        val_acc=("val_acc", "mean"),
-        test_acc=("test_acc", "mean"), test_acc_std=("test_acc", "std"),
-        memory_ratio=("memory_ratio", "mean"),
-        task_memory_bytes=("task_memory_bytes", "mean"),
-        train_time_s=("train_time_s", "mean"), train_time_s_std=("train_time_s", "std"),
-        time_to_95_s=("time_to_95_s", "mean"),
-        epoch_time_s=("epoch_time_s", "mean"),
-    ).reset_index()
-    return agg.fillna({"test_acc_std": 0.0, "train_time_s_std": 0.0})
+    rows = []
+    for key, g in results.groupby(cols, dropna=False, sort=True):
+        row = dict(zip(cols, key if isinstance(key, tuple) else (key,)))
+        row["seeds"] = len(g)
+        for m in MEASURES:
+            if m in g.columns:
+                row[m], row[f"{m}_ci"] = mean_ci(g[m])
+        for extra in ("lr", "lr_grid"):
+            if extra in g.columns:
+                row[extra] = g[extra].iloc[0]
+        row["hit_cap_improving"] = int(g["hit_cap_improving"].astype(bool).sum()) if "hit_cap_improving" in g else 0
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def baseline(cfg: pd.DataFrame, target: str, method: str, precision: str = "binary") -> Optional[pd.Series]:
@@ -95,21 +99,20 @@ def baseline(cfg: pd.DataFrame, target: str, method: str, precision: str = "bina
 
 
 def candidates(inputs: Inputs, target: str) -> pd.DataFrame:
-    """Adapter configurations with test accuracy: transfer runs and Pareto points of the sweep,
-    as (source, method, memory_ratio, val_acc, test_acc)."""
+    """Adapter configurations measured on every seed: the transfer stage's and the sweep's Pareto
+    points (retrained on the seeds), as (source, method, memory_ratio, val/test mean and interval)."""
     cfg = per_config(inputs.results)
     a = cfg[(cfg.target == target) & cfg.method.isin(ADAPTERS)]
-    rows = [pd.DataFrame({"source": "transfer", "method": a.method, "memory_ratio": a.memory_ratio,
-                          "val_acc": a.val_acc, "test_acc": a.test_acc})]
-    if target in inputs.pareto and len(inputs.pareto[target]):
-        p = inputs.pareto[target]
-        rows.append(pd.DataFrame({"source": "sweep trial " + p.number.astype(str), "method": p.method,
-                                  "memory_ratio": p.memory_ratio, "val_acc": p.val_acc, "test_acc": p.test_acc}))
+    keep = ["method", "memory_ratio", "val_acc", "val_acc_ci", "test_acc", "test_acc_ci", "seeds"]
+    rows = [a[keep].assign(source="transfer stage")]
+    p = inputs.pareto.get(target)
+    if p is not None and len(p):
+        rows.append(p[keep].assign(source="sweep trial " + p.number.astype(str)))
     return pd.concat(rows, ignore_index=True)
 
 
 def best_adapter(inputs: Inputs, target: str, max_ratio: float) -> Optional[pd.Series]:
-    """The adapter at <= max_ratio of base memory with the best *val* accuracy (test is only
+    """The adapter at <= max_ratio of base memory with the best mean *val* accuracy (test is only
     reported, never used to choose); ties go to the smaller one."""
     c = candidates(inputs, target)
     c = c[c.memory_ratio <= max_ratio + 1e-12]
@@ -121,19 +124,28 @@ def best_adapter(inputs: Inputs, target: str, max_ratio: float) -> Optional[pd.S
 
 
 def smallest_within(inputs: Inputs, target: str, points: float) -> Optional[pd.Series]:
-    """The smallest-memory point of the Pareto set whose test accuracy is within `points`
-    percentage points of binary `full`."""
+    """The smallest adapter whose mean *val* accuracy is within `points` percentage points of
+    binary `full`'s mean val accuracy (chosen on val; its test accuracy is then reported)."""
     full = baseline(per_config(inputs.results), target, "full")
-    p = inputs.pareto.get(target)
-    if full is None or p is None or p.empty:
+    if full is None:
         return None
-    ok = p[p.test_acc >= full.test_acc - points / 100 - 1e-12]
-    return ok.sort_values("memory_ratio").iloc[0] if len(ok) else None
+    c = candidates(inputs, target)
+    ok = c[c.val_acc.round(9) >= round(full.val_acc - points / 100, 9)]
+    return ok.sort_values(["memory_ratio", "val_acc"], ascending=[True, False]).iloc[0] if len(ok) else None
+
+
+def most_accurate(inputs: Inputs, target: str) -> Optional[pd.Series]:
+    """The adapter with the best mean val accuracy, whatever its size (named where none is close)."""
+    c = candidates(inputs, target)
+    if c.empty:
+        return None
+    c = c.assign(_val=c.val_acc.round(9))  # ties as in best_adapter
+    return c.sort_values(["_val", "memory_ratio"], ascending=[False, True]).iloc[0]
 
 
 def band_position(ratio: Optional[float], low: float, high: float) -> str:
     if ratio is None:
-        return "not reached by any Pareto point"
+        return "not reached by any adapter"
     if ratio < low:
         return f"below the prior study's {low:.0%}-{high:.0%} band"
     if ratio <= high:

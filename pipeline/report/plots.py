@@ -22,6 +22,12 @@ STYLE = {  # (method, precision) -> marker, colour, label
 }
 
 
+def _bars(half_widths):
+    """95% half-widths as error bars; unknown (one seed) draws none."""
+    values = np.nan_to_num(np.asarray(half_widths, dtype=float), nan=0.0)
+    return values if (values > 0).any() else None
+
+
 def _save(fig, path: Path, dpi: int) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
@@ -43,11 +49,12 @@ def accuracy_vs_memory(inputs: Inputs, target: str, band: tuple[float, float], o
     pareto = inputs.pareto.get(target)
     if pareto is not None and len(pareto):
         p = pareto.sort_values("memory_pct")
-        ax.plot(p.memory_pct, p.test_acc, "-", color="tab:red", lw=1.5, marker=".", label="sweep Pareto front (test)")
+        ax.errorbar(p.memory_pct, p.test_acc, yerr=_bars(p.test_acc_ci), fmt=".-", color="tab:red", lw=1.5, capsize=3,
+                    label="sweep Pareto set (chosen on val; test, retrained on every seed)")
     for (method, precision), (marker, colour, label) in STYLE.items():
         rows = cfg[(cfg.method == method) & (cfg.precision == precision)]
         if len(rows):
-            ax.errorbar(100 * rows.memory_ratio, rows.test_acc, yerr=rows.test_acc_std, fmt=marker, color=colour,
+            ax.errorbar(100 * rows.memory_ratio, rows.test_acc, yerr=_bars(rows.test_acc_ci), fmt=marker, color=colour,
                         ms=8, capsize=3, label=label, zorder=5)
     for precision, ls in (("binary", "--"), ("fp32", ":")):
         full = baseline(per_config(inputs.results), target, "full", precision)
@@ -57,7 +64,7 @@ def accuracy_vs_memory(inputs: Inputs, target: str, band: tuple[float, float], o
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}%"))
     ax.set_xlabel("task-specific memory (% of the binary base, log scale)")
-    ax.set_ylabel("test accuracy (fraction)")
+    ax.set_ylabel("test accuracy (mean over seeds, 95% interval)")
     ax.set_title(f"Accuracy vs task memory on target '{target}'")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7.5, loc="lower right")
@@ -72,16 +79,15 @@ def training_time(inputs: Inputs, out: Path, dpi: int) -> Path:
     width = 0.8 / max(len(keys), 1)
     for i, key in enumerate(keys):
         marker, colour, label = STYLE[key]
-        means, stds = [], []
+        means, cis = [], []
         for t in targets:
             rows = cfg[(cfg.target == t) & (cfg.method == key[0]) & (cfg.precision == key[1])]
             means.append(rows.train_time_s.mean() if len(rows) else np.nan)
-            stds.append(rows.train_time_s_std.mean() if len(rows) else 0.0)
-        errors = stds if any(sd > 0 for sd in stds) else None  # no flat caps for single-seed bars
-        ax.bar(np.arange(len(targets)) + i * width, means, width, yerr=errors, capsize=3, color=colour, label=label)
+            cis.append(rows.train_time_s_ci.mean() if len(rows) else np.nan)
+        ax.bar(np.arange(len(targets)) + i * width, means, width, yerr=_bars(cis), capsize=3, color=colour, label=label)
     ax.set_xticks(np.arange(len(targets)) + width * (len(keys) - 1) / 2, targets)
-    ax.set_ylabel("training time (s, excluding validation)")
-    ax.set_title("Training time per method and target (error bars: std across seeds)")
+    ax.set_ylabel("training time (s, frozen-prefix pass included)")
+    ax.set_title("Training time per method and target (error bars: 95% interval over seeds)")
     ax.legend(fontsize=8)
     ax.grid(True, axis="y", alpha=0.3)
     return _save(fig, out, dpi)

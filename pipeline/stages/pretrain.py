@@ -43,7 +43,7 @@ def run(params: Params, precision: str) -> dict:
         "memory_bytes": memory.bytes,
         "packed_payload_bytes": packed["payload_bytes"],
         "params": memory.params,
-        "epochs": p.optim.epochs,
+        **result.convergence(),
         **result.timing_metrics(),
         "dataset_sha256": data.manifest["sha256"]["train"][:16],
     }
@@ -66,5 +66,5 @@ def run(params: Params, precision: str) -> dict:
     result.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k not in ("val_acc", "test_acc")})
     result.log_artifact(out / "card.json")
     print(f"pretrain {precision}: val {metrics['val_acc']:.4f} test {metrics['test_acc']:.4f} "
-          f"memory {memory.bytes / 1024:.1f} KiB, {metrics['train_time_s']:.1f}s training")
+          f"memory {memory.bytes / 1024:.1f} KiB, {metrics['epochs_run']} epochs, {metrics['train_time_s']:.1f}s training")
     return metrics

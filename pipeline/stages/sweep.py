@@ -3,20 +3,23 @@ reports/sweep/<target>/{trials.csv, pareto.csv}, reports/metrics/sweep_<target>.
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
+import optuna
 import pandas as pd
 
 from pipeline.config import BASE_DIR, METRICS_DIR, PREPARED, Params
 from pipeline.errors import UserError
 from pipeline.io import write_json
-from pipeline.nn.adapter_io import apply_adapter, read_adapter
-from pipeline.nn.checkpoint import load_base, sha256
+from pipeline.nn.checkpoint import sha256
+from pipeline.stats import mean_ci
 from pipeline.train.datamodule import PreparedData
-from pipeline.train.evaluate import accuracy
+from pipeline.train.parallel import map_runs
 from pipeline.train.pareto import hypervolume
 from pipeline.train.sweep import PARENT_RUN_ATTR, create_study, run_workers, study_name, trial_rows
 from pipeline.train.tracking import client, experiment_id, run_tags
@@ -61,54 +64,118 @@ def run(params: Params, target: str, n_trials: Optional[int] = None, workers: Op
     storage = storage or s.storage
     folder = SWEEP_DIR / target
     base_sha = sha256(BASE_DIR / "binary" / "model.pt")
-    PreparedData(PREPARED / target, 1)  # the target must be prepared (and intact) before any trial
-    name = name or s.study_name or study_name(params, target, base_sha)
+    data = PreparedData(PREPARED / target, 1)  # the target must be prepared (and intact) before any trial
+    name = name or s.study_name or study_name(params, target, base_sha, data.manifest["sha256"])
     study, created = create_study(params, target, name, storage, folder)
     parent = parent_run(params, study, target, created)
-    run_workers(params, target, name, storage, folder, s.workers, parent)
-    parent = study.user_attrs.get(PARENT_RUN_ATTR, parent)
+    c = client(params)
+    c.update_run(parent, status="RUNNING")  # reopened when a later call asks for more trials
+    try:
+        with _terminate_as_exit():
+            run_workers(params, target, name, storage, folder, s.workers, parent)
+            parent = study.user_attrs.get(PARENT_RUN_ATTR, parent)
+            metrics = summarise(params, study, target, name, folder, parent, t0)
+    except KeyboardInterrupt:
+        c.set_terminated(parent, "KILLED")
+        raise
+    except BaseException as exc:
+        c.set_terminated(parent, "KILLED" if isinstance(exc, SystemExit) else "FAILED")
+        raise
+    c.set_terminated(parent, "FINISHED")
+    return metrics
 
+
+@contextlib.contextmanager
+def _terminate_as_exit():
+    """SIGTERM (a killed `dvc repro`, a batch scheduler) unwinds like Ctrl-C, so the sweep's MLflow
+    run is closed as KILLED instead of staying RUNNING forever."""
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def summarise(params: Params, study, target: str, name: str, folder: Path, parent: str, t0: float) -> dict:
+    s = params.sweep
     trials = pd.DataFrame(trial_rows(study))
     trials.to_csv(folder / "trials.csv", index=False)
-    pareto = pareto_on_test(study, target, base_sha)
+    runs = retrain_pareto(params, study, target, folder, parent, name)
+    runs.to_csv(folder / "pareto_runs.csv", index=False)
+    pareto = pareto_points(study, runs)
     pareto.to_csv(folder / "pareto.csv", index=False)
-    hv = hypervolume(list(zip(pareto.test_acc, pareto.memory_pct)), s.reference_accuracy, s.reference_memory_pct) \
-        if len(pareto) else 0.0
+    hv = {split: hypervolume(list(zip(pareto[f"{split}_acc"], pareto.memory_pct)), s.reference_accuracy,
+                             s.reference_memory_pct) if len(pareto) else 0.0 for split in ("val", "test")}
     states = trials.state.value_counts().to_dict()
     metrics = {
         "study": name,
         "complete": int(states.get("COMPLETE", 0)),
         "failed": int(states.get("FAIL", 0)),
         "pareto_size": len(pareto),
-        "hypervolume": round(hv, 4),
+        "seeds": len(params.seeds),
+        "hypervolume": round(hv["val"], 4),   # the number to compare sweeps by: val, never test
+        "hypervolume_test": round(hv["test"], 4),  # reported beside it, chooses nothing
         "reference_point": {"accuracy": s.reference_accuracy, "memory_pct": s.reference_memory_pct},
-        "best_test_acc_le_12pct": float(pareto[pareto.memory_pct <= 12].test_acc.max()) if (pareto.memory_pct <= 12).any() else None,
+        "memory_pct_min": round(float(pareto.memory_pct.min()), 4) if len(pareto) else None,
+        "memory_pct_max": round(float(pareto.memory_pct.max()), 4) if len(pareto) else None,
+        "hit_cap_improving": int(runs.hit_cap_improving.sum()) if len(runs) else 0,
     }
     metrics["wall_time_s"] = round(time.perf_counter() - t0, 3)
     write_json(METRICS_DIR / f"sweep_{target}.json", metrics)
     c = client(params)
-    for key in ("complete", "failed", "pareto_size", "hypervolume"):
+    for key in ("complete", "failed", "pareto_size", "hypervolume", "hypervolume_test"):
         c.log_metric(parent, key, float(metrics[key]))
-    for f in ("trials.csv", "pareto.csv"):
+    for f in ("trials.csv", "pareto.csv", "pareto_runs.csv"):
         c.log_artifact(parent, str(folder / f))
     print(f"sweep {target} ({name}): {metrics['complete']} complete, {metrics['failed']} failed, "
-          f"Pareto set {len(pareto)}, hypervolume {hv:.4f}")
+          f"Pareto set {len(pareto)} retrained on {len(params.seeds)} seeds, hypervolume (val) {hv['val']:.4f}")
     for _, r in pareto.iterrows():
-        print(f"  trial {int(r.number):3d} {r.method:8s} memory {r.memory_pct:6.2f}% val {r.val_acc:.4f} test {r.test_acc:.4f}")
+        print(f"  trial {int(r.number):3d} {r.method:8s} memory {r.memory_pct:6.2f}% val {r.val_acc:.4f} "
+              f"± {r.val_acc_ci:.4f} test {r.test_acc:.4f} ± {r.test_acc_ci:.4f}")
     return metrics
 
 
-def pareto_on_test(study, target: str, base_sha: str) -> pd.DataFrame:
-    """The non-dominated COMPLETE trials (on val), re-evaluated once on test."""
-    data = PreparedData(PREPARED / target, 1)
-    base_file = BASE_DIR / "binary" / "model.pt"
+def retrain_pareto(params: Params, study, target: str, folder: Path, parent: str, name: str) -> pd.DataFrame:
+    """The non-dominated COMPLETE trials (on val), each retrained on every seed at the final budget
+    (transfer.optim, the trial's lr), `sweep.workers` runs side by side: one row per (trial, seed),
+    the same columns as results.csv."""
+    from pipeline.train.sweep import one_device, suggest
+    from pipeline.train.transfer import base_memory_bytes, train_transfer
+
+    base_bytes, run_params = base_memory_bytes(), one_device(params)
+    jobs = []
+    for t in sorted(study.best_trials, key=lambda t: (t.values[1], t.number)):
+        method, adapter, lr = suggest(optuna.trial.FixedTrial(t.params), params)
+        jobs += [dict(params=run_params, target=target, method=method, precision="binary", seed=seed, adapter=adapter,
+                      optim=replace(params.transfer.optim, lr=lr), out=folder / "pareto",
+                      stem=f"trial_{t.number:04d}_seed{seed}", base_bytes=base_bytes, parent_run_id=parent,
+                      run_name=f"sweep-{target}-trial{t.number}-s{seed}",
+                      extra_params={"trial_number": t.number, "study": name},
+                      tags=run_tags("sweep_retrain", target=target, method=method, precision="binary", study=name))
+                 for seed in params.seeds]
+    done = map_runs(train_transfer, jobs, params.sweep.workers)
+    rows = [{"number": int(j["extra_params"]["trial_number"]), **row} for j, (row, _) in zip(jobs, done) if row is not None]
+    return pd.DataFrame(rows)
+
+
+def pareto_points(study, runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per Pareto trial: its params, the trial's own val accuracy, and mean ± 95% interval
+    over the retrained seeds of val and test accuracy, memory and training time."""
     rows = []
-    for t in sorted(study.best_trials, key=lambda t: t.values[1]):
-        config, tensors = read_adapter(Path(t.user_attrs["adapter"]))
-        net = apply_adapter(load_base(base_file), base_sha, config, tensors, source=t.user_attrs["adapter"])
-        ratio = t.user_attrs["memory_ratio"]
-        rows.append({"number": t.number, **t.params, "val_acc": t.values[0],
-                     "test_acc": accuracy(net, *data.splits["test"]), "task_memory_bytes": t.values[1],
-                     "memory_ratio": ratio, "memory_pct": 100 * ratio})
-    return pd.DataFrame(rows, columns=None if rows else ["number", "val_acc", "test_acc", "task_memory_bytes",
-                                                         "memory_ratio", "memory_pct", "method"])
+    for t in sorted(study.best_trials, key=lambda t: (t.values[1], t.number)):
+        r = runs[runs.number == t.number]
+        row = {"number": t.number, **t.params, "trial_val_acc": t.values[0], "seeds": len(r)}
+        for key in ("val_acc", "test_acc", "task_memory_bytes", "memory_ratio", "train_time_s", "epochs_run"):
+            row[key], row[f"{key}_ci"] = mean_ci(r[key])
+        row["memory_pct"] = 100 * row["memory_ratio"]
+        row["hit_cap_improving"] = int(r.hit_cap_improving.sum())
+        rows.append(row)
+    return pd.DataFrame(rows, columns=None if rows else ["number", "method", "val_acc", "val_acc_ci", "test_acc",
+                                                         "test_acc_ci", "task_memory_bytes", "memory_ratio", "memory_pct"])

@@ -33,12 +33,24 @@ class FitResult:
     def run_id(self) -> str:
         return self.run.logger.run_id
 
-    def timing_metrics(self) -> dict[str, float]:
+    def convergence(self) -> dict[str, Any]:
+        """epochs_run, whether early stopping ended the run, and whether it hit its cap while val
+        accuracy was still rising (then it is flagged, not reported as converged)."""
+        t, cap = self.run.timing, self.run.extra["max_epochs"]
+        epochs_run = len(t.history)
+        stopped = epochs_run < cap
+        return {"epochs_run": epochs_run, "max_epochs": cap, "stopped_early": stopped,
+                "hit_cap_improving": not stopped and t.still_improving(self.run.extra["min_delta"])}
+
+    def timing_metrics(self, prefix_s: float = 0.0) -> dict[str, float]:
+        """Training seconds, the frozen-prefix feature pass (`prefix_s`, run once before fit)
+        included: a method that needs that pass pays for it."""
         t = self.run.timing
         return {
-            "train_time_s": round(t.train_time_s, 3),
+            "train_time_s": round(prefix_s + t.train_time_s, 3),
+            "prefix_time_s": round(prefix_s, 3),
             "epoch_time_s": round(t.epoch_time_s, 4),
-            "time_to_95_s": round(t.time_to_fraction(0.95) or 0.0, 3),
+            "time_to_95_s": round(prefix_s + (t.time_to_fraction(0.95) or 0.0), 3),
         }
 
     def log_metrics(self, metrics: dict[str, float]) -> None:
@@ -48,13 +60,21 @@ class FitResult:
         self.run.logger.experiment.log_artifact(self.run_id, str(path))
 
 
-def find_resume(ckpt_dir: Optional[Path], run_name: str, flat_params: dict, optim: Optim, epochs: int,
-                params: Params) -> dict[str, Any]:
-    """A run killed mid-way left `last.ckpt` and `resume.json` in its checkpoint folder: resume it
-    when the settings are the same (same fingerprint), else clear the folder and start afresh."""
+def resume_fingerprint(run_name: str, flat_params: dict, optim: Optim, epochs: int, params: Params,
+                       data: PreparedData) -> str:
+    """Everything that shapes a run: its params, the budget, the hardware settings that change
+    the arithmetic, and the sha256 of every split it reads (train/val/test). A checkpoint left by
+    a run with another fingerprint is never resumed: a changed split or base must retrain."""
+    t = params.trainer
     key = {"run": run_name, "params": flat_params, "optim": asdict(optim), "epochs": epochs,
-           "trainer": {"precision": params.trainer.precision, "deterministic": params.trainer.deterministic}}
-    fingerprint = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+           "data": data.manifest["sha256"],
+           "trainer": {k: getattr(t, k) for k in ("accelerator", "devices", "strategy", "precision", "deterministic")}}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def find_resume(ckpt_dir: Optional[Path], fingerprint: str) -> dict[str, Any]:
+    """A run killed mid-way left `last.ckpt` and `resume.json` in its checkpoint folder: resume it
+    when the fingerprint is the same, else clear the folder and start afresh."""
     if ckpt_dir is None:
         return {"fingerprint": fingerprint}
     marker, last = ckpt_dir / "resume.json", ckpt_dir / "last.ckpt"
@@ -70,16 +90,16 @@ def find_resume(ckpt_dir: Optional[Path], run_name: str, flat_params: dict, opti
 def fit_and_evaluate(params: Params, net: torch.nn.Module, data: PreparedData, optim: Optim, *,
                      run_name: str, tags: dict[str, str], flat_params: dict[str, Any],
                      ckpt_dir: Optional[Path] = None, epochs: Optional[int] = None,
-                     callbacks: Optional[list] = None, select: str = "best",
+                     callbacks: Optional[list] = None, gate=None,
                      parent_run_id: Optional[str] = None, test: bool = True) -> FitResult:
-    """`select`: evaluate the best-val checkpoint ("best") or the final weights ("last", for
-    pruning, where earlier and denser checkpoints would flatter the result). `test=False` leaves
-    the test split untouched (sweeps select on val only)."""
+    """The one training rule: up to `epochs` (default optim.max_epochs), early stopping on val
+    accuracy, the best-val weights restored (with `gate`, the best among the epochs it allows).
+    `test=False` leaves the test split untouched (sweeps select on val only)."""
     module = Classifier(net, optim, data.num_classes)
-    epochs = epochs or optim.epochs
-    resume = find_resume(ckpt_dir, run_name, flat_params, optim, epochs, params)
-    run = make_trainer(params, run_name=run_name, tags=tags, epochs=epochs, ckpt_dir=ckpt_dir,
-                       callbacks=callbacks, parent_run_id=parent_run_id, run_id=resume.get("run_id"))
+    epochs = epochs or optim.max_epochs
+    resume = find_resume(ckpt_dir, resume_fingerprint(run_name, flat_params, optim, epochs, params, data))
+    run = make_trainer(params, run_name=run_name, tags=tags, optim=optim, epochs=epochs, ckpt_dir=ckpt_dir,
+                       callbacks=callbacks, parent_run_id=parent_run_id, run_id=resume.get("run_id"), gate=gate)
     if resume.get("ckpt"):
         run.logger.experiment.set_tag(run.logger.run_id, "resumed_from", resume["ckpt"])
         print(f"resuming {run_name} from {resume['ckpt']} (MLflow run {run.logger.run_id})")
@@ -91,7 +111,7 @@ def fit_and_evaluate(params: Params, net: torch.nn.Module, data: PreparedData, o
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             (ckpt_dir / "resume.json").write_text(json.dumps({"fingerprint": resume["fingerprint"], "run_id": run.logger.run_id}))
     run.trainer.fit(module, datamodule=data, ckpt_path=resume.get("ckpt"))
-    if select == "best" and run.checkpoint is not None and run.checkpoint.best_model_path:
+    if run.checkpoint is not None and run.checkpoint.best_model_path:
         state = torch.load(run.checkpoint.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
     val = run.trainer.validate(module, datamodule=data, verbose=False)[0]["val_acc"]

@@ -33,13 +33,17 @@ PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attr: the sweep's MLflow 
 # ------------------------------------------------------------------------------ naming & storage
 
 
-def study_name(params: Params, target: str, base_sha256: str) -> str:
-    """Same search space, target, base and trial budget -> same name, so a rerun resumes."""
-    s = params.sweep
-    key = {"space": asdict(s.space), "target": target, "base": base_sha256, "epochs": s.epochs,
-           "patience": s.patience, "sampler": s.sampler, "seed": s.seed, "batch": params.transfer.optim.batch_size,
-           "prune": {"rounds": params.adapter.prune.rounds, "epochs": params.adapter.prune.epochs}}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+def study_name(params: Params, target: str, base_sha256: str, data_sha256: dict) -> str:
+    """Everything that shapes a trial -> the name, so a rerun with the same settings resumes and
+    any change (search space, budget, optimiser, pruning, head, seeds, hardware arithmetic, the
+    target's splits, the base) starts a new study instead of re-scoring an old one."""
+    s, t = params.sweep, params.trainer
+    key = {"space": asdict(s.space), "target": target, "base": base_sha256, "data": data_sha256,
+           "max_epochs": s.max_epochs, "sampler": s.sampler, "seed": s.seed, "seeds": params.seeds,
+           "optim": asdict(params.transfer.optim), "head_bits": params.transfer.head_bits,
+           "prune": asdict(params.adapter.prune),
+           "trainer": {k: getattr(t, k) for k in ("accelerator", "precision", "deterministic")}}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return f"{target}-{digest}"
 
 
@@ -97,7 +101,6 @@ def suggest(trial: optuna.trial.BaseTrial, params: Params) -> tuple[str, Adapter
         placement=trial.suggest_categorical("placement", sp.placement),
         task_bn=trial.suggest_categorical("task_bn", sp.task_bn),
         bits=trial.suggest_categorical("bits", sp.bits),
-        head_bits=trial.suggest_categorical("head_bits", sp.head_bits),
         prune=replace(params.adapter.prune, amount=trial.suggest_categorical("prune_amount", sp.prune_amount)),
     )
     lr = trial.suggest_float("lr", sp.lr.low, sp.lr.high, log=sp.lr.log)
@@ -182,11 +185,17 @@ def _counts(study: optuna.Study) -> tuple[int, int]:
     return complete, len(trials) - complete
 
 
+def one_device(params: Params) -> Params:
+    """Sweep runs are many and short: one device each, no progress bars (sweeps scale out by
+    workers, not by DDP)."""
+    t = params.trainer
+    return replace(params, trainer=replace(t, progress_bar=False, strategy="auto",
+                                           devices=t.devices[:1] if isinstance(t.devices, list) else 1))
+
+
 def run_worker(params: Params, target: str, name: str, storage_url: Optional[str], folder: Path,
                worker: int, parent_run_id: Optional[str], poll_s: float = 1.0) -> int:
     """Run trials until the study holds `n_trials` COMPLETE trials. Returns trials run here."""
-    from lightning.pytorch.callbacks import EarlyStopping
-
     from pipeline.train.tracking import run_tags
     from pipeline.train.transfer import base_memory_bytes, train_transfer
 
@@ -194,10 +203,7 @@ def run_worker(params: Params, target: str, name: str, storage_url: Optional[str
     existing = len(optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False))
     study = optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(params, worker, existing))
     n, s = params.sweep.n_trials, params.sweep
-    # Trials are many and short: one device each (sweeps scale out by workers, not by DDP).
-    t = params.trainer
-    params = replace(params, trainer=replace(t, progress_bar=False, strategy="auto",
-                                             devices=t.devices[:1] if isinstance(t.devices, list) else 1))
+    params = one_device(params)
     base_bytes = base_memory_bytes()
     ran, failed_in_a_row = 0, 0
     while True:
@@ -224,16 +230,15 @@ def run_worker(params: Params, target: str, name: str, storage_url: Optional[str
             stem = f"trial_{trial.number:04d}"
             row, _ = train_transfer(
                 params, target=target, method=method, precision="binary", seed=params.seeds[0], adapter=adapter,
-                optim=replace(params.transfer.optim, epochs=s.epochs, lr=lr), out=folder / "trials", stem=stem,
+                optim=replace(params.transfer.optim, max_epochs=s.max_epochs, lr=lr), out=folder / "trials", stem=stem,
                 run_name=f"sweep-{target}-trial{trial.number}", parent_run_id=parent,
                 tags=run_tags("sweep_trial", target=target, method=method, precision="binary", study=name),
                 extra_params={"trial_number": trial.number, "study": name}, touch_test=False,
-                callbacks=[EarlyStopping(monitor="val_acc", mode="max", patience=s.patience, check_finite=True)],
                 base_bytes=base_bytes,
             )
             shutil.rmtree(folder / "trials" / "checkpoints" / stem, ignore_errors=True)
             result = {key: row[key] for key in ("val_acc", "task_memory_bytes", "adapter_memory_bytes", "memory_ratio",
-                                                 "sparsity", "train_time_s", "epochs_run")}
+                                                 "sparsity", "train_time_s", "epochs_run", "hit_cap_improving")}
             result["adapter"] = str(folder / "trials" / f"{stem}.safetensors")
         except (UserError, RuntimeError, ValueError) as exc:  # invalid combination, diverged training
             result = {"fail_reason": str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__}
@@ -264,6 +269,9 @@ def run_worker(params: Params, target: str, name: str, storage_url: Optional[str
 def _spawned_worker(params, target, name, storage_url, folder, worker, parent_run_id) -> None:
     import sys
 
+    from pipeline.train.parallel import set_threads, threads_each
+
+    set_threads(threads_each(params.sweep.workers))  # workers share the cores instead of oversubscribing them
     try:
         run_worker(params, target, name, storage_url, folder, worker, parent_run_id)
     except (UserError, EnvironmentFailure) as exc:
@@ -319,7 +327,8 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
                "val_acc": t.values[0] if t.values else None,
                "task_memory_bytes": t.values[1] if t.values else None}
         row.update({k: v for k, v in t.params.items()})
-        for key in ("memory_ratio", "adapter_memory_bytes", "sparsity", "train_time_s", "epochs_run", "fail_reason", "adapter"):
+        for key in ("memory_ratio", "adapter_memory_bytes", "sparsity", "train_time_s", "epochs_run",
+                    "hit_cap_improving", "fail_reason", "adapter"):
             row[key] = t.user_attrs.get(key)
         row["duration_s"] = t.duration.total_seconds() if t.duration else None
         rows.append(row)

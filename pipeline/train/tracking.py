@@ -75,7 +75,7 @@ def run_tags(stage: str, **extra: Any) -> dict[str, str]:
     return tags
 
 
-def transfer_keys(target: str, method: str, precision: str, adapter: Any, seed: int) -> dict[str, Any]:
+def transfer_keys(target: str, method: str, precision: str, adapter: Any, seed: int, head_bits: int) -> dict[str, Any]:
     """The flat params every transfer-like run (transfer, sweep trial) carries, in MLflow and in
     results.csv. Non-adapter methods carry the same keys with neutral values, so any two runs
     compare side by side."""
@@ -90,7 +90,7 @@ def transfer_keys(target: str, method: str, precision: str, adapter: Any, seed: 
         "reduction": adapter.reduction if is_adapter else 0,
         "placement": placement if is_adapter else "none",
         "adapter_bits": adapter.bits if is_adapter else 0,
-        "head_bits": adapter.head_bits if is_adapter else 32,
+        "head_bits": head_bits,
         "prune_amount": adapter.prune.amount if is_adapter else 0.0,
         "task_bn": bool(adapter.task_bn) if is_adapter else method == "full",
         "seed": seed,

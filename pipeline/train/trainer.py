@@ -6,14 +6,14 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import MLFlowLogger
 
-from pipeline.config import Params
+from pipeline.config import Optim, Params
 from pipeline.errors import UserError
 from pipeline.train.tracking import artifact_location, start_child_run, tracking_uri
 
@@ -69,6 +69,14 @@ class TimingCallback(Callback):
     def epoch_time_s(self) -> float:
         return statistics.median(r.train_seconds for r in self.history) if self.history else 0.0
 
+    def still_improving(self, min_delta: float, window: int = 3) -> bool:
+        """Val accuracy of the last `window` epochs beat everything before them by more than
+        `min_delta`: a run that stops there (at its cap) had not converged."""
+        accs = [r.val_acc for r in self.history if r.val_acc is not None]
+        if len(accs) <= window:
+            return True
+        return max(accs[-window:]) - max(accs[:-window]) > min_delta
+
     def time_to_fraction(self, fraction: float = 0.95) -> Optional[float]:
         """Training seconds until val accuracy first reaches `fraction` of its final value."""
         accs = [r for r in self.history if r.val_acc is not None]
@@ -79,27 +87,74 @@ class TimingCallback(Callback):
 
 
 class PruningCallback(Callback):
-    """Iterative magnitude pruning: after `start_epoch` epochs, one round every `every` epochs,
-    sparsity rising linearly to `amount` at the last of `rounds` rounds."""
+    """Iterative magnitude pruning once the dense network has converged: the dense phase ends when
+    val accuracy has not gained more than `min_delta` for `patience` epochs (or at `dense_cap`
+    epochs); then one round every `every` epochs, sparsity rising linearly to `amount` at the last
+    of `rounds` rounds. `selecting()` opens only after the last round, so early stopping and the
+    best-val checkpoint judge the network at its final sparsity, never a denser one."""
 
-    def __init__(self, convs, amount: float, rounds: int, every: int, start_epoch: int, scope: str):
+    def __init__(self, convs, amount: float, rounds: int, every: int, dense_cap: int, scope: str,
+                 patience: int, min_delta: float):
         self.convs, self.amount, self.rounds = convs, amount, rounds
-        self.every, self.start_epoch, self.scope = every, start_epoch, scope
-        self.done = 0
+        self.every, self.dense_cap, self.scope = every, dense_cap, scope
+        self.patience, self.min_delta = patience, min_delta
+        self.done, self.best, self.wait, self.next_round = 0, float("-inf"), 0, None
+
+    def selecting(self) -> bool:
+        return self.done >= self.rounds
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking or self.next_round is not None or "val_acc" not in trainer.callback_metrics:
+            return
+        acc = float(trainer.callback_metrics["val_acc"])
+        if acc > self.best + self.min_delta:
+            self.best, self.wait = acc, 0
+        else:
+            self.wait += 1
+        if self.wait >= self.patience or trainer.current_epoch + 1 >= self.dense_cap:
+            self.next_round = trainer.current_epoch + 1
 
     def on_train_epoch_start(self, trainer, pl_module):
         from pipeline.nn.pruning import prune_to
 
-        e = trainer.current_epoch - self.start_epoch
-        if e >= 0 and e % self.every == 0 and self.done < self.rounds:
+        if self.next_round is not None and self.done < self.rounds and trainer.current_epoch >= self.next_round:
             self.done += 1
+            self.next_round = trainer.current_epoch + self.every
             prune_to(self.convs, self.amount * self.done / self.rounds, self.scope)
 
     def state_dict(self):
-        return {"done": self.done}
+        return {"done": self.done, "best": self.best, "wait": self.wait, "next_round": self.next_round}
 
     def load_state_dict(self, state):
-        self.done = state["done"]
+        self.done, self.best, self.wait, self.next_round = state["done"], state["best"], state["wait"], state["next_round"]
+
+
+class _Gated:
+    """Early stopping and the best-val checkpoint act only while `gate()` holds (pruned runs:
+    after the last pruning round)."""
+
+    gate: Optional[Callable[[], bool]] = None
+
+    def _closed(self) -> bool:
+        return self.gate is not None and not self.gate()
+
+
+class GatedEarlyStopping(_Gated, EarlyStopping):
+    def __init__(self, gate=None, **kwargs):
+        super().__init__(**kwargs)
+        self.gate = gate
+
+    def _should_skip_check(self, trainer) -> bool:
+        return super()._should_skip_check(trainer) or self._closed()
+
+
+class GatedCheckpoint(_Gated, ModelCheckpoint):
+    def __init__(self, gate=None, **kwargs):
+        super().__init__(**kwargs)
+        self.gate = gate
+
+    def _should_skip_saving_checkpoint(self, trainer) -> bool:
+        return super()._should_skip_saving_checkpoint(trainer) or self._closed()
 
 
 @dataclass
@@ -117,9 +172,12 @@ def seed_everything(seed: int, params: Params) -> None:
         torch.set_num_threads(params.trainer.threads)
 
 
-def make_trainer(params: Params, *, run_name: str, tags: dict[str, str], epochs: int,
+def make_trainer(params: Params, *, run_name: str, tags: dict[str, str], optim: Optim, epochs: Optional[int] = None,
                  ckpt_dir: Optional[Path] = None, callbacks: Optional[list[Callback]] = None,
-                 parent_run_id: Optional[str] = None, run_id: Optional[str] = None) -> Run:
+                 parent_run_id: Optional[str] = None, run_id: Optional[str] = None,
+                 gate: Optional[Callable[[], bool]] = None) -> Run:
+    """`epochs` overrides optim.max_epochs (pruned runs add their rounds); `gate` holds early
+    stopping and best-val selection back until it returns True."""
     t = params.trainer
     logger = MLFlowLogger(
         experiment_name=params.tracking.experiment,
@@ -130,10 +188,13 @@ def make_trainer(params: Params, *, run_name: str, tags: dict[str, str], epochs:
         run_id=run_id or (start_child_run(params, parent_run_id, run_name, tags) if parent_run_id else None),
     )
     timing = TimingCallback()
-    cbs: list[Callback] = [timing, *(callbacks or [])]
+    # The one training rule: early stopping on val accuracy, the best-val weights kept.
+    stop = GatedEarlyStopping(gate=gate, monitor="val_acc", mode="max", patience=optim.patience,
+                              min_delta=optim.min_delta, check_finite=True)
+    cbs: list[Callback] = [timing, *(callbacks or []), stop]
     ckpt = None
     if ckpt_dir is not None:
-        ckpt = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_acc", mode="max",
+        ckpt = GatedCheckpoint(gate=gate, dirpath=ckpt_dir, filename="best", monitor="val_acc", mode="max",
                                enable_version_counter=False)
         # A second callback for the resume point: Lightning's save_last writes last.ckpt only in
         # epochs that also save a top-k checkpoint, i.e. at the best epoch, not the last one.
@@ -144,7 +205,7 @@ def make_trainer(params: Params, *, run_name: str, tags: dict[str, str], epochs:
         cbs.append(TQDMProgressBar(refresh_rate=10))
     try:
         trainer = L.Trainer(
-            max_epochs=epochs,
+            max_epochs=epochs or optim.max_epochs,
             accelerator=t.accelerator,
             devices=t.devices,
             strategy=t.strategy,
@@ -163,4 +224,4 @@ def make_trainer(params: Params, *, run_name: str, tags: dict[str, str], epochs:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"trainer: {first[:300]} (accelerator={t.accelerator!r}, devices={t.devices!r}, "
                         f"strategy={t.strategy!r}, precision={t.precision!r})") from None
-    return Run(trainer, logger, timing, ckpt)
+    return Run(trainer, logger, timing, ckpt, {"max_epochs": epochs or optim.max_epochs, "min_delta": optim.min_delta})

@@ -4,6 +4,7 @@ saved): shared by the transfer stage and by sweep trials."""
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -22,6 +23,9 @@ from pipeline.train.tracking import transfer_keys
 from pipeline.train.trainer import PruningCallback, seed_everything
 
 
+ADAPTER_SUFFIXES = (".safetensors", ".json", ".bnnpack")  # the files of one task state
+
+
 class TrainingDiverged(UserError):
     pass
 
@@ -31,20 +35,27 @@ def base_memory_bytes() -> float:
     return memory_report(load_base(BASE_DIR / "binary" / "model.pt")).bytes
 
 
+def head_bits(params: Params, method: str) -> int:
+    """Every method that trains a new head stores it alike; full finetuning keeps a whole float copy."""
+    return 32 if method == "full" else params.transfer.head_bits
+
+
 def build_net(params: Params, target: str, method: str, precision: str, seed: int, adapter: Adapter,
-              batch_size: int) -> tuple[TransferNet, PreparedData]:
-    """Base + new head (+ adapters), and the data it trains on (frozen-prefix features cached)."""
+              batch_size: int) -> tuple[TransferNet, PreparedData, float]:
+    """Base + new head (+ adapters), the data it trains on (frozen-prefix features cached), and the
+    seconds that feature pass took (part of the method's training time)."""
     base = load_base(BASE_DIR / precision / "model.pt")
-    a = adapter
-    spec = AdapterSpec(method, a.groups, a.reduction, a.placement, a.task_bn, a.bits, a.head_bits) \
-        if method in ("serial", "parallel") else AdapterSpec(method)
+    a, hb = adapter, head_bits(params, method)
+    spec = AdapterSpec(method, a.groups, a.reduction, a.placement, a.task_bn, a.bits, hb) \
+        if method in ("serial", "parallel") else AdapterSpec(method, head_bits=hb)
     data = PreparedData(PREPARED / target, batch_size, params.trainer.num_workers, seed)
     net = TransferNet(base, spec, data.num_classes)
     k = net.frozen_prefix()
+    t0 = time.perf_counter()
     if k:  # run the frozen part once, without autograd, instead of every epoch
         data = data.map_inputs(lambda x: net.prefix_features(x, k))
         net.start = k
-    return net, data
+    return net, data, time.perf_counter() - t0
 
 
 def train_transfer(params: Params, *, target: str, method: str, precision: str, seed: int, adapter: Adapter,
@@ -56,19 +67,25 @@ def train_transfer(params: Params, *, target: str, method: str, precision: str, 
     files under `out/stem.*`. With touch_test=False (sweep trials) the test split is not read.
     Returns (None, []) in the extra processes of a multi-device strategy."""
     seed_everything(seed, params)
-    net, data = build_net(params, target, method, precision, seed, adapter, optim.batch_size)
+    net, data, prefix_s = build_net(params, target, method, precision, seed, adapter, optim.batch_size)
     raw = PreparedData(PREPARED / target, 1, 0, seed)  # untouched inputs for the final numbers
     prune = adapter.prune
     pruning = method in ("serial", "parallel") and prune.amount > 0
-    epochs = optim.epochs + (prune.rounds * prune.epochs if pruning else 0)
-    cbs = list(callbacks or [])
-    if pruning:
-        cbs.append(PruningCallback(net.adapter_convs(), prune.amount, prune.rounds, prune.epochs, optim.epochs, prune.scope))
-    keys = transfer_keys(target, method, precision, adapter, seed)
+    cbs, gate, epochs = list(callbacks or []), None, optim.max_epochs
+    if pruning:  # dense phase (up to the cap), the rounds, then the sparse network under the same rule
+        cb = PruningCallback(net.adapter_convs(), prune.amount, prune.rounds, prune.epochs, optim.max_epochs,
+                             prune.scope, optim.patience, optim.min_delta)
+        cbs.append(cb)
+        gate, epochs = cb.selecting, 2 * optim.max_epochs + prune.rounds * prune.epochs
+    keys = transfer_keys(target, method, precision, adapter, seed, head_bits(params, method))
+    base_file = BASE_DIR / precision / "model.pt"
+    base_sha = sha256(base_file)
     result = fit_and_evaluate(
-        params, net, data, optim, epochs=epochs, callbacks=cbs, select="last" if pruning else "best",
+        params, net, data, optim, epochs=epochs, callbacks=cbs, gate=gate,
         run_name=run_name, tags=tags, parent_run_id=parent_run_id, test=touch_test,
-        flat_params={**keys, "epochs": epochs, "lr": optim.lr, "batch_size": optim.batch_size, **(extra_params or {})},
+        flat_params={**keys, "lr": optim.lr, "batch_size": optim.batch_size, "max_epochs": epochs,
+                     "patience": optim.patience, "min_delta": optim.min_delta, "base_sha256": base_sha,
+                     **(extra_params or {})},
         ckpt_dir=out / "checkpoints" / stem,
     )
     if not result.primary:
@@ -91,26 +108,26 @@ def train_transfer(params: Params, *, target: str, method: str, precision: str, 
         "adapter_memory_bytes": adapter_mem.bytes,
         "base_memory_bytes": base_bytes,
         "memory_ratio": task.bytes / base_bytes,
-        **result.timing_metrics(),
+        **result.timing_metrics(prefix_s),
         "trainable_params": sum(p.numel() for p in net.parameters() if p.requires_grad),
-        "epochs": epochs,
-        "epochs_run": len(result.run.timing.history),
+        "lr": optim.lr,
+        **result.convergence(),
     }
     packed = export_packed(net, out / f"{stem}.bnnpack", {"target": target, "method": method},
                            include=net.is_task_module)
     row["packed_payload_bytes"] = packed["payload_bytes"]
-    base_file = BASE_DIR / precision / "model.pt"
     save_adapter(net, out / stem, {
         "target": target, "method": method, "precision": precision, "seed": seed,
-        "base": str(base_file), "base_sha256": sha256(base_file),
+        "base": str(base_file), "base_sha256": base_sha,
         "classes": raw.manifest["classes"], "dataset_sha256": raw.manifest["sha256"],
         "memory": {"task": task.to_dict(), "adapter_bytes": adapter_mem.bytes, "packed": packed},
         "metrics": {k: row[k] for k in ("val_acc", "test_acc", "task_memory_bytes", "memory_ratio")},
     })  # no run id here: same params and seed give byte-identical adapter files
-    result.log_metrics({k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+    result.log_metrics({k: v for k, v in row.items() if isinstance(v, (int, float))
                         and k not in keys})
     for suffix in (".safetensors", ".json"):
         result.log_artifact(out / f"{stem}{suffix}")
-    curve = [{"seed": seed, "epoch": r.epoch, "elapsed_train_s": round(r.elapsed_train_s, 4), "val_acc": r.val_acc}
+    curve = [{"seed": seed, "lr": optim.lr, "epoch": r.epoch, "elapsed_train_s": round(prefix_s + r.elapsed_train_s, 4),
+              "val_acc": r.val_acc}
              for r in result.run.timing.history]
     return row, curve
