@@ -193,14 +193,21 @@ def test_resume_reports_trials_and_pareto(project, resumed):
     assert set(numbers) == front
     card = json.loads((root / "models/base/binary/card.json").read_text())
     base_memory = card["metrics"]["memory_bytes"]
+    runs = pd.read_csv(root / "reports/sweep" / TARGET / "pareto_runs.csv")
     for _, r in pareto.iterrows():
         t = complete[int(r.number)]
-        assert r.val_acc == t.values[0] and r.task_memory_bytes == t.values[1]
+        # chosen by the trial's own val; reported from the retrain on every seed (here one)
+        assert r.trial_val_acc == t.values[0] and r.task_memory_bytes == t.values[1]
         assert r.memory_pct == pytest.approx(100 * t.values[1] / base_memory, rel=1e-12)
-        assert 0.0 <= r.test_acc <= 1.0
+        mine = runs[runs.number == r.number]
+        assert list(mine.seed) == [0] and r.seeds == 1
+        assert (r.val_acc, r.test_acc) == (mine.val_acc.iloc[0], mine.test_acc.iloc[0])
+        assert 0.0 <= r.test_acc <= 1.0 and mine.epochs_run.iloc[0] <= 2  # transfer.optim's cap, not the trial's
     assert resumed["metrics"]["pareto_size"] == len(pareto)
-    expected_hv = _area(list(zip(pareto.test_acc, pareto.memory_pct)), 0.0, 100.0)
+    expected_hv = _area(list(zip(pareto.val_acc, pareto.memory_pct)), 0.0, 100.0)  # on val: test chooses nothing
     assert resumed["metrics"]["hypervolume"] == pytest.approx(round(expected_hv, 4), abs=1e-12)
+    expected_test = _area(list(zip(pareto.test_acc, pareto.memory_pct)), 0.0, 100.0)
+    assert resumed["metrics"]["hypervolume_test"] == pytest.approx(round(expected_test, 4), abs=1e-12)
 
 
 # ------------------------------------------------------------------------------ 2. search space -> name
@@ -486,8 +493,11 @@ def test_mlflow_parent_and_child_runs(project, resumed):
     children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
                                   max_results=1000)
     complete = {t.number: t for t in _complete(_load(root, name))}
-    mine = [r for r in children if int(r.data.params["trial_number"]) in complete]
+    mine = [r for r in children if r.data.tags["stage"] == "sweep_trial" and int(r.data.params["trial_number"]) in complete]
     assert len(mine) == 5
+    retrains = [r for r in children if r.data.tags["stage"] == "sweep_retrain"]
+    assert retrains and all(int(r.data.params["trial_number"]) in complete and "test_acc" in r.data.metrics
+                            for r in retrains)  # the Pareto points, retrained, are the ones test reports
     assert sorted(int(r.data.params["trial_number"]) for r in mine) == sorted(complete)
     params = {"trial_number", "target", "method", "adapter_type", "groups", "placement", "adapter_bits",
               "prune_amount", "seed"}
