@@ -105,6 +105,9 @@ def run_in_process(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
     from pipeline.cli import main
 
     out, err, old = io.StringIO(), io.StringIO(), Path.cwd()
+    # Lightning's MLFlowLogger calls mlflow.set_tracking_uri, which MLflow 3 also writes to this
+    # variable: an earlier in-process fit would point this command at that fit's store.
+    uri = os.environ.pop("MLFLOW_TRACKING_URI", None)
     os.chdir(cwd)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -117,6 +120,10 @@ def run_in_process(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
                 code = 1
     finally:
         os.chdir(old)
+        if uri is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = uri
     return subprocess.CompletedProcess(["pipeline", *argv], code, out.getvalue(), err.getvalue())
 
 

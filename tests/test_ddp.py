@@ -25,7 +25,7 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     log = out.stdout + out.stderr
     assert "Starting with 2 processes" in log and "distributed_backend=gloo" in log
     assert log.count("pretrain binary: val") == 1  # the second process printed and wrote nothing
-    assert log.count("transfer mnist_5to9/serial seed 0: val") == 1
+    assert log.count("transfer mnist_5to9/serial seed 0 (lr 0.005 of 0.005): val") == 1
 
     client = MlflowClient("sqlite:///" + str(root / "mlflow.db"))
     exp = client.get_experiment_by_name("bnn-adapters")

@@ -67,11 +67,11 @@ def test_second_repro_does_nothing(project):
 
 def test_evaluate_reproduces_recorded_accuracy(project):
     root, _, _ = project
-    results = pd.read_csv(root / "reports/results.csv").set_index(["target", "method", "precision"])
-    for method in ("serial", "full"):
+    results = pd.read_csv(root / "reports/results.csv").set_index(["target", "method", "precision", "seed"])
+    for method, stem, seed in (("serial", "adapter", 0), ("full", "adapter", 0), ("serial", "adapter_seed1", 1)):
         out = run_cli(["pipeline", "evaluate", "--target", "mnist_5to9", "--adapter",
-                       f"models/mnist_5to9/{method}/adapter.safetensors"], root).stdout
-        recorded = results.loc[("mnist_5to9", method, "binary"), "test_acc"]
+                       f"models/mnist_5to9/{method}/{stem}.safetensors"], root).stdout
+        recorded = results.loc[("mnist_5to9", method, "binary", seed), "test_acc"]
         assert f"test accuracy {recorded:.4f}" in out
 
 

@@ -53,3 +53,17 @@ def test_quick_start_is_the_makefile_and_ci():
     assert re.search(r"^repro:", makefile, re.M) and re.search(r"^test:", makefile, re.M)
     assert "torch==2.13.0" in makefile
     assert re.search(r"^\s*make test\b", (ROOT / ".ci" / "run").read_text(), re.M)
+
+
+def _table_after(text: str, heading: str) -> list[str]:
+    lines = text[text.index(heading):].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return lines[start:end]
+
+
+def test_default_results_are_the_committed_reports():
+    """The README's results table is report.md's runs table of the committed default run, word for
+    word, so the numbers a reader sees are the ones the pipeline wrote."""
+    report = (ROOT / "reports" / "report.md").read_text()
+    assert _table_after(README, "## Default results") == _table_after(report, "## All transfer runs")

@@ -46,9 +46,6 @@ def run(params: Params, target: str, method: str, precision: str = "binary") -> 
     out = Path("models") / target / name
     base_bytes = base_memory_bytes()
     grid, seeds = params.transfer.lr_grid, params.seeds
-    for old in out.glob("*"):  # task states of an earlier run (other seeds or grid) must not linger
-        if old.suffix in ADAPTER_SUFFIXES:
-            old.unlink()
 
     def job(lr: float, seed: int, stem: str, role: str) -> dict:
         return dict(target=target, method=method, precision=precision, seed=seed, adapter=params.adapter,
@@ -82,6 +79,10 @@ def run(params: Params, target: str, method: str, precision: str = "binary") -> 
     curves = next(c for r, c in search if r is chosen)
     repeats = [train_transfer(params, **job(lr, s, f"adapter_seed{s}", "seed_repeat")) for s in seeds[1:]]
     final = [chosen] + [r for r, _ in repeats]
+    keep = {"adapter"} | {f"adapter_seed{s}" for s in seeds[1:]}
+    for stale in out.glob("*"):  # only now, all runs done: an earlier run's other seeds must not linger
+        if stale.suffix in ADAPTER_SUFFIXES and stale.stem not in keep:
+            stale.unlink()
     for _, c in repeats:
         curves += c
     search_desc = " ".join(f"{g:g}" for g in grid)

@@ -133,26 +133,20 @@ class _Gated:
     """Early stopping and the best-val checkpoint act only while `gate()` holds (pruned runs:
     after the last pruning round)."""
 
-    gate: Optional[Callable[[], bool]] = None
+    def __init__(self, gate: Optional[Callable[[], bool]] = None, **kwargs):
+        super().__init__(**kwargs)
+        self.gate = gate
 
     def _closed(self) -> bool:
         return self.gate is not None and not self.gate()
 
 
 class GatedEarlyStopping(_Gated, EarlyStopping):
-    def __init__(self, gate=None, **kwargs):
-        super().__init__(**kwargs)
-        self.gate = gate
-
     def _should_skip_check(self, trainer) -> bool:
         return super()._should_skip_check(trainer) or self._closed()
 
 
 class GatedCheckpoint(_Gated, ModelCheckpoint):
-    def __init__(self, gate=None, **kwargs):
-        super().__init__(**kwargs)
-        self.gate = gate
-
     def _should_skip_saving_checkpoint(self, trainer) -> bool:
         return super()._should_skip_saving_checkpoint(trainer) or self._closed()
 
