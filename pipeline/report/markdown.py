@@ -201,7 +201,7 @@ def protocol_lines(inputs: Inputs) -> list[str]:
         edge = [f"{c.target}/{c.method}" + ("" if c.precision == "binary" else f" ({c.precision})")
                 for c in cfg.itertuples() if isinstance(c.lr_grid, str)
                 and c.lr in (min(map(float, c.lr_grid.split())), max(map(float, c.lr_grid.split())))
-                and len(c.lr_grid.split()) > 1]
+                and len(c.lr_grid.split()) > 2]  # with two values every choice is an end
         if edge:
             lines.append(f"- Chosen lr at an end of its grid (the best lr may lie outside it): {', '.join(edge)}.")
     flagged = int(cfg.hit_cap_improving.sum()) + sum(int(p.get("hit_cap_improving", pd.Series(dtype=int)).sum())
