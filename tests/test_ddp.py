@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 
+import pandas as pd
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -19,18 +20,21 @@ pytestmark = pytest.mark.slow
 def test_ddp_on_two_cpu_processes(tmp_path):
     params = tiny_params(**{"pretrain.precisions": ["binary"], "transfer.baselines": [],
                             "transfer.adapters": ["serial"], "trainer.accelerator": "cpu", "trainer.devices": 2,
-                            "trainer.strategy": "ddp"})
+                            "trainer.strategy": "ddp",
+                            # the protocol across processes: both choose the same lr, both train the repeat
+                            "seeds": [0, 1], "transfer.lr_grid": [0.005, 0.01]})
     root = make_project(tmp_path / "proj", params)
     out = run_cli([str(BIN / "dvc"), "repro", "transfer@mnist_5to9-serial"], root)
     log = out.stdout + out.stderr
     assert "Starting with 2 processes" in log and "distributed_backend=gloo" in log
     assert log.count("pretrain binary: val") == 1  # the second process printed and wrote nothing
-    assert log.count("transfer mnist_5to9/serial seed 0 (lr 0.005 of 0.005): val") == 1
+    for seed in (0, 1):
+        assert len(re.findall(rf"transfer mnist_5to9/serial seed {seed} \(lr [0-9.]+ of 0.005 0.01\): val", log)) == 1
 
     client = MlflowClient("sqlite:///" + str(root / "mlflow.db"))
     exp = client.get_experiment_by_name("bnn-adapters")
     runs = client.search_runs([exp.experiment_id])
-    assert sorted(r.data.tags["stage"] for r in runs) == ["pretrain", "transfer"]
+    assert sorted(r.data.tags["stage"] for r in runs) == ["pretrain"] + ["transfer"] * 3  # 2 lr + 1 repeat
 
     card = json.loads((root / "models/base/binary/card.json").read_text())
     pretrain = next(r for r in runs if r.data.tags["stage"] == "pretrain")
@@ -38,7 +42,9 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     state = torch.load(root / "models/base/binary/model.pt", map_location="cpu", weights_only=True)
     assert state  # a whole, loadable file (two writers would risk a torn one)
 
-    recorded = json.loads((root / "reports/metrics/transfer_mnist_5to9_serial.json").read_text())["test_acc"]
+    rows = pd.read_csv(root / "reports/results/mnist_5to9__serial.csv")
+    assert list(rows.seed) == [0, 1] and rows.lr.nunique() == 1
+    recorded = rows[rows.seed == 0].test_acc.iloc[0]  # adapter.safetensors is seed 0's task state
     evaluated = run_cli(["pipeline", "evaluate", "--target", "mnist_5to9",
                          "--adapter", "models/mnist_5to9/serial/adapter.safetensors"], root).stdout
     measured = float(re.search(r"mnist_5to9 test accuracy ([0-9.]+)", evaluated).group(1))

@@ -161,7 +161,8 @@ def retrain_pareto(params: Params, study, target: str, folder: Path, parent: str
                       tags=run_tags("sweep_retrain", target=target, method=method, precision="binary", study=name))
                  for seed in params.seeds]
     done = map_runs(train_transfer, jobs, params.sweep.workers)
-    rows = [{"number": int(j["extra_params"]["trial_number"]), **row} for j, (row, _) in zip(jobs, done) if row is not None]
+    rows = [{"number": int(j["extra_params"]["trial_number"]), **row} for j, (row, _) in zip(jobs, done)
+            if row.get("primary", True)]
     return pd.DataFrame(rows)
 
 

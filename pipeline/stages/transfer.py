@@ -64,12 +64,11 @@ def run(params: Params, target: str, method: str, precision: str = "binary") -> 
     if not search:
         raise UserError(f"transfer {target}/{name}: training diverged at every lr of transfer.lr_grid {grid}; "
                         f"allowed: give smaller learning rates")
-    if search[0][0] is None:  # an extra process of a multi-device strategy: the primary writes
-        return {}
     rows = [r for r, _ in search]
-    chosen = choose_lr(rows)
+    chosen = choose_lr(rows)  # every DDP process chooses alike (val accuracy is synchronised) ...
     lr = chosen["lr"]
-    for r in rows:  # the chosen run is seed 0's result; the others were only for choosing
+    primary = chosen.get("primary", True)
+    for r in rows if primary else []:  # the chosen run is seed 0's result; the others were only for choosing
         for suffix in ADAPTER_SUFFIXES:
             src = out / f"{lr_stem(r['lr'])}{suffix}"
             if r is chosen:
@@ -78,6 +77,8 @@ def run(params: Params, target: str, method: str, precision: str = "binary") -> 
                 src.unlink(missing_ok=True)
     curves = next(c for r, c in search if r is chosen)
     repeats = [train_transfer(params, **job(lr, s, f"adapter_seed{s}", "seed_repeat")) for s in seeds[1:]]
+    if not primary:  # ... and trains the repeats in step; only the primary writes
+        return {}
     final = [chosen] + [r for r, _ in repeats]
     keep = {"adapter"} | {f"adapter_seed{s}" for s in seeds[1:]}
     for stale in out.glob("*"):  # only now, all runs done: an earlier run's other seeds must not linger
@@ -103,7 +104,7 @@ def run(params: Params, target: str, method: str, precision: str = "binary") -> 
     summary.update({
         "seeds": len(final), "lr": lr,
         "lr_search_val_acc": {f"{g:g}": next((r["val_acc"] for r in rows if r["lr"] == g), None) for g in grid},
-        "hit_cap_improving": sum(bool(r["hit_cap_improving"]) for r in final + rows),
+        "hit_cap_improving": sum(bool(r["hit_cap_improving"]) for r in rows + final[1:]),  # every run once
         "training_runs": len(rows) + len(final) - 1,
         "wall_time_s": round(time.perf_counter() - t0, 3),
     })

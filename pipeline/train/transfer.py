@@ -65,7 +65,8 @@ def train_transfer(params: Params, *, target: str, method: str, precision: str, 
                    base_bytes: Optional[float] = None) -> tuple[Optional[dict], list[dict]]:
     """Train, finalise (permanent pruning, frozen k-bit codes), measure memory, save the adapter
     files under `out/stem.*`. With touch_test=False (sweep trials) the test split is not read.
-    Returns (None, []) in the extra processes of a multi-device strategy."""
+    In the extra processes of a multi-device strategy the row holds only `primary: False`, the lr
+    and the (synchronised) val accuracy, and nothing is written."""
     seed_everything(seed, params)
     net, data, prefix_s = build_net(params, target, method, precision, seed, adapter, optim.batch_size)
     raw = PreparedData(PREPARED / target, 1, 0, seed)  # untouched inputs for the final numbers
@@ -88,8 +89,8 @@ def train_transfer(params: Params, *, target: str, method: str, precision: str, 
                      **(extra_params or {})},
         ckpt_dir=out / "checkpoints" / stem,
     )
-    if not result.primary:
-        return None, []
+    if not result.primary:  # an extra DDP process: only what keeps the stage's choices in step
+        return {"primary": False, "lr": optim.lr, "val_acc": result.val_acc}, []
     loss = result.run.trainer.callback_metrics.get("train_loss")
     if loss is not None and not math.isfinite(float(loss)):
         raise TrainingDiverged(f"training diverged (train loss {float(loss)})")
