@@ -168,8 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from pipeline.console import quiet
     from pipeline.errors import EnvironmentFailure, UserError
 
+    quiet()
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

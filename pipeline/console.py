@@ -1,0 +1,37 @@
+"""The one place that silences library messages this project triggers on purpose. Each is named by
+the start of its message and the module that raises it, with why it is harmless; every other
+warning still shows. The filters reach spawned processes (sweep workers, DDP) through PYTHONWARNINGS."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import warnings
+
+# (start of the message, no comma or colon; module that warns; why it is harmless here)
+HARMLESS = [
+    ("`isinstance(treespec", "lightning.pytorch.utilities._pytree",
+     "Lightning 2.6 calls its own deprecated pytree API (LeafSpec); nothing this project calls"),
+    ("Found ", "lightning.pytorch.loops.fit_loop",
+     "'Found N module(s) in eval mode': the frozen base's BatchNorm stays in eval mode by design "
+     "(TransferNet.train), so its running statistics stay those of the shared base"),
+    ("Checkpoint directory ", "lightning.pytorch.callbacks.model_checkpoint",
+     "'... exists and is not empty': resume.json is written there before fit, to key the resume"),
+]
+
+
+class _NoAdvert(logging.Filter):
+    """Lightning's info line advertising a cloud logger at every Trainer: not about this run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+def quiet() -> None:
+    for message, module, _why in HARMLESS:
+        warnings.filterwarnings("ignore", message=re.escape(message), module=re.escape(module) + r"\Z")
+    inherited = [s for s in os.environ.get("PYTHONWARNINGS", "").split(",") if s]
+    specs = [f"ignore:{message}::{module}" for message, module, _why in HARMLESS]
+    os.environ["PYTHONWARNINGS"] = ",".join(inherited + [s for s in specs if s not in inherited])
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdvert())
