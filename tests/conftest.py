@@ -16,6 +16,17 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+def set_keys(raw: dict, **changes) -> dict:
+    """Set dotted keys (`transfer.optim.patience=5`) in a raw params mapping, in place."""
+    for key, value in changes.items():
+        *path, leaf = key.split(".")
+        node = raw
+        for part in path:
+            node = node[part]
+        node[leaf] = value
+    return raw
+
+
 def tiny_params(**overrides) -> dict:
     """The default params with everything shrunk so a whole pipeline runs in about a minute."""
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -37,12 +48,7 @@ def tiny_params(**overrides) -> dict:
     p["adapter"]["groups"] = 2
     p["adapter"]["prune"] = {"amount": 0.5, "rounds": 2, "epochs": 1, "scope": "layer"}
     p["transfer"]["targets"] = ["mnist_5to9"]
-    for key, value in overrides.items():
-        section, _, leaf = key.rpartition(".")
-        node = p
-        for part in filter(None, section.split(".")):
-            node = node[part]
-        node[leaf] = value
+    set_keys(p, **overrides)
     return p
 
 

@@ -15,7 +15,7 @@ import yaml
 
 import pandas as pd
 
-from conftest import BIN, ROOT, copy_project, run_cli
+from conftest import BIN, ROOT, copy_project, run_cli, set_keys
 from pipeline.config import Optim, parse_params
 from pipeline.nn.adapters import AdapterSpec, TransferNet
 from pipeline.nn.pruning import sparsity
@@ -206,13 +206,7 @@ def _dvc(root, *args) -> str:
 
 
 def _set_params(root, **changes) -> None:
-    raw = yaml.safe_load((root / "params.yaml").read_text())
-    for key, value in changes.items():
-        node = raw
-        *path, leaf = key.split(".")
-        for part in path:
-            node = node[part]
-        node[leaf] = value
+    raw = set_keys(yaml.safe_load((root / "params.yaml").read_text()), **changes)
     (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
