@@ -121,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("transfer", help="transfer the base to a target with one method")
     p.add_argument("--target", required=True)
-    p.add_argument("--method", required=True, choices=["full", "head", "serial", "parallel"])
+    p.add_argument("--method", required=True, choices=["full", "head", "bn", "serial", "parallel"])
     p.add_argument("--precision", choices=["binary", "fp32"], default="binary", help="base precision (full only)")
     p.set_defaults(func=cmd_transfer)
 
@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bank", help="one base, several targets: swap adapters in one process")
     p.add_argument("--targets", nargs="+", required=True)
-    p.add_argument("--method", choices=["head", "serial", "parallel"], default="serial")
+    p.add_argument("--method", choices=["head", "bn", "serial", "parallel"], default="serial")
     p.set_defaults(func=cmd_bank)
 
     p = sub.add_parser("sweep", help="Optuna sweep of adapter configurations on one target")

@@ -170,7 +170,9 @@ class Adapter:
     reduction: int = field(default=1, metadata=_range(ge=1))
     placement: Union[str, list[int]] = "all"  # all | last:K | list of block indices
     task_bn: bool = False
-    bits: Literal[32, 8, 4, 2] = 32
+    bits: Literal[32, 8, 4, 2, 1, "ternary"] = 32  # k-bit levels + a scale per output channel
+    bn_bits: Literal[32, 16] = 32  # adapter and task BN (fused) and adapter weight scales
+    learn_scale: bool = False      # LSQ step sizes instead of the closed-form scales
     prune: Prune = Prune()
 
     def check(self, path: str) -> None:
@@ -218,12 +220,12 @@ class SearchSpace:
     """Choices per knob; a one-element list fixes it."""
 
     method: list[Literal["serial", "parallel"]] = field(default_factory=lambda: ["serial", "parallel"])
-    groups: list[int] = field(default_factory=lambda: [4, 8, 16, 32])
+    groups: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
     reduction: list[int] = field(default_factory=lambda: [1])
-    placement: list[str] = field(default_factory=lambda: ["all", "last:3", "last:2", "last:1"])
-    bits: list[Literal[32, 8, 4, 2]] = field(default_factory=lambda: [8, 4, 2])
-    prune_amount: list[float] = field(default_factory=lambda: [0.0, 0.5])
-    task_bn: list[bool] = field(default_factory=lambda: [False])
+    placement: list[str] = field(default_factory=lambda: ["all", "last:4", "last:3", "last:2", "last:1"])
+    bits: list[Literal[32, 8, 4, 2, 1, "ternary"]] = field(default_factory=lambda: [32, 8, 4, 2, 1])
+    prune_amount: list[float] = field(default_factory=lambda: [0.0, 0.5, 0.9])
+    task_bn: list[bool] = field(default_factory=lambda: [False, True])
     lr: FloatRange = FloatRange(low=0.003, high=0.03, log=True)
 
     def check(self, path: str) -> None:
@@ -248,6 +250,8 @@ class Sweep:
     storage: Optional[str] = None  # None: journal file reports/sweep/<target>/optuna.journal
     study_name: Optional[str] = None  # None: derived from a hash of the settings (reruns resume)
     sampler: Literal["tpe", "nsga2"] = "tpe"
+    n_startup_trials: int = field(default=10, metadata=_range(ge=0))  # random trials before the sampler's model
+    anchors: bool = True  # first trials: the smallest and largest configuration of each adapter type
     seed: int = 0
     # Trials follow the training rule with transfer.optim, capped at these epochs; the Pareto
     # points are then retrained on every seed at transfer.optim's own budget.

@@ -21,11 +21,16 @@ HARMLESS = [
 ]
 
 
-class _NoAdvert(logging.Filter):
-    """Lightning's info line advertising a cloud logger at every Trainer: not about this run."""
+class _PerRunNoise(logging.Filter):
+    """Lightning's info lines printed at every Trainer (dozens per stage): the hardware summary,
+    which params.yaml's trainer section already states; why fit ended, which the run's own line
+    (epochs run, stopped early) states; and an advert for a cloud logger."""
+
+    PREFIXES = ("GPU available", "TPU available", "HPU available", "LOCAL_RANK", "`Trainer.fit` stopped")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "litlogger" not in record.getMessage()
+        text = record.getMessage()
+        return not (text.startswith(self.PREFIXES) or "litlogger" in text)
 
 
 def quiet() -> None:
@@ -34,4 +39,5 @@ def quiet() -> None:
     inherited = [s for s in os.environ.get("PYTHONWARNINGS", "").split(",") if s]
     specs = [f"ignore:{message}::{module}" for message, module, _why in HARMLESS]
     os.environ["PYTHONWARNINGS"] = ",".join(inherited + [s for s in specs if s not in inherited])
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdvert())
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_PerRunNoise())

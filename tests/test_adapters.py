@@ -27,7 +27,7 @@ from pipeline.nn.adapters import (Adapter, AdapterConv, AdapterSpec, QuantLinear
 from pipeline.nn.backbones import Arch
 from pipeline.nn.checkpoint import load_base, save_base
 from pipeline.nn.export import export_packed, read_packed
-from pipeline.nn.memory import memory_report
+from pipeline.nn.memory import memory_report, storage_plan
 from pipeline.nn.pruning import prune_to, sparsity
 from pipeline.train.datamodule import PreparedData
 from pipeline.train.fit import fit_and_evaluate
@@ -134,17 +134,18 @@ def test_memory_of_frozen_4bit_adapter_conv():
         conv.weight.copy_(torch.randn(conv.weight.shape, generator=torch.Generator().manual_seed(0)))
     conv.make_pruning_permanent()
     conv.freeze_codes()
-    assert float(conv.scale) > 0 and not conv.pruned
+    assert bool(conv.frozen) and not conv.pruned
+    assert conv.scale.shape == (64,) and bool((conv.scale > 0).all())  # one scale per output channel
     report = memory_report(conv)
-    # 512 weights at 4 bits + one float32 scale
-    assert report.bits == 512 * 4 + 32 == 2080
-    assert report.params == 512
+    # 512 weights at 4 bits + 64 float32 scales
+    assert report.bits == 512 * 4 + 64 * 32 == 4096
+    assert report.params == 512 + 64
 
 
 def test_memory_of_8bit_head():
     head = QuantLinear(16, 3, bits=8)
-    # 48 weights at 8 bits + a float32 scale, 3 float32 biases
-    assert memory_report(head).bits == 48 * 8 + 32 + 3 * 32 == 512
+    # 48 weights at 8 bits + 3 float32 scales (one per class), 3 float32 biases
+    assert memory_report(head).bits == 48 * 8 + 3 * 32 + 3 * 32 == 576
 
 
 # --------------------------------------------------------------------- strides (Bi-Real Net)
@@ -360,51 +361,82 @@ def test_training_with_task_bn_updates_base_bn_stats_only(saved_base, toy_task, 
     assert [k for k in bn_stat_keys if after[k] == before[k]] == []
 
 
+def test_training_bn_method_moves_only_base_bn_and_head(saved_base, toy_task, monkeypatch):
+    base = _loaded_base(saved_base, "eval")
+    before = _base_hashes(base)
+    net = TransferNet(base, AdapterSpec("bn"), 3)
+    assert not net.adapter_convs()
+    head_before = net.base.head.weight.detach().clone()
+    _fit(toy_task, net, "bn-method", monkeypatch)
+    after = _base_hashes(net.base)
+    conv_keys = [k for k in before if k == "features.0.weight" or k.endswith("conv.weight")]
+    assert len(conv_keys) == 6
+    assert [k for k in conv_keys if after[k] != before[k]] == []
+    # every BN of the base trains: gamma, beta and running statistics of all 6 moved
+    bn_keys = [k for k in before if k.endswith(("bn.weight", "bn.bias", "running_mean", "running_var"))
+               or k in ("features.1.weight", "features.1.bias")]
+    assert len(bn_keys) == 6 * 4
+    assert [k for k in bn_keys if after[k] == before[k]] == []
+    assert not torch.equal(net.base.head.weight.detach(), head_before)
+
+
 # --------------------------------------------------------------------------------- k-bit codes
 
 
 def test_quantize_by_hand():
+    # One output channel w = 0.9, -0.3, 0.5, 0.1 (more cases, per-channel scales: test_quant.py).
     conv = AdapterConv(4, 1, groups=1, stride=1, bits=2)
     w = torch.tensor([0.9, -0.3, 0.5, 0.1]).view(1, 4, 1, 1)
     with torch.no_grad():
         conv.weight.copy_(w)
-    # 2 bits: qmax 1, scale 0.9 -> codes round(1, -0.33, 0.56, 0.11) = 1, 0, 1, 0
-    assert torch.equal(conv.effective_weight().detach().view(-1), torch.tensor([0.9, 0.0, 0.9, 0.0]))
+    # 2 bits, mid-rise levels -3, -1, 1, 3: s = 0.9 / 3 = 0.3, w / s = 3, -1, 1.67, 0.33 -> nearest
+    # odd 3, -1, 1, 1 -> values 0.9, -0.3, 0.3, 0.3
+    assert torch.allclose(conv.effective_weight().detach().view(-1), torch.tensor([0.9, -0.3, 0.3, 0.3]),
+                          rtol=1e-6, atol=0)
     conv4 = AdapterConv(4, 1, groups=1, stride=1, bits=4)
     with torch.no_grad():
         conv4.weight.copy_(w)
-    # 4 bits: qmax 7, scale 0.9 / 7 -> w / scale = 7, -2.33, 3.89, 0.78 -> codes 7, -2, 4, 1
+    # 4 bits, levels -15 .. 15 odd: s = 0.9 / 15 = 0.06 -> w / s = 15, -5, 8.33, 1.67 -> 15, -5, 9, 1
     conv4.freeze_codes()
-    assert conv4.weight.view(-1).tolist() == [7.0, -2.0, 4.0, 1.0]
-    assert torch.isclose(conv4.scale, torch.tensor(0.9 / 7))
+    assert conv4.weight.view(-1).tolist() == [15.0, -5.0, 9.0, 1.0]
+    assert conv4.scale.shape == (1,) and torch.isclose(conv4.scale, torch.tensor([0.9 / 15])).all()
 
 
-@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("bits", [1, 2, 4, 8, "ternary"])
 def test_quantised_weights_take_few_values_and_finalize_to_integer_codes(vgg_base, bits):
     net = TransferNet(copy.deepcopy(vgg_base), AdapterSpec("serial", reduction=2, bits=bits, head_bits=bits), 3)
-    g = torch.Generator().manual_seed(bits)
+    g = torch.Generator().manual_seed(7)
     layers = net.adapter_convs() + [net.base.head]
-    assert isinstance(net.base.head, QuantLinear) and net.base.head.weight_bits == bits
+    assert isinstance(net.base.head, QuantLinear) and net.base.head.bits == bits
     with torch.no_grad():
         for m in layers:
             m.weight.copy_(torch.randn(m.weight.shape, generator=g))
-    qmax = 2 ** (bits - 1) - 1
+    qmax = 1 if bits == "ternary" else 2 ** bits - 1
+    allowed = {-1.0, 0.0, 1.0} if bits == "ternary" else set(range(-qmax, qmax + 1, 2))  # odd levels
     before = {}
     for m in layers:
-        eff = m.effective_weight().detach()
-        assert torch.unique(eff).numel() <= 2 ** bits
-        # every value is an integer multiple of max|w| / qmax, the largest one is +-qmax of them
-        step = m.weight.detach().abs().max() / qmax
-        k = eff / step
-        assert torch.allclose(k, k.round(), atol=1e-4)
-        assert k.abs().max().round() == qmax
-        before[id(m)] = eff
+        eff = m.effective_weight().detach().flatten(1)
+        w = m.weight.detach().flatten(1)
+        for c in range(eff.shape[0]):  # per output channel: at most 2**k values, multiples of its step
+            assert torch.unique(eff[c]).numel() <= (3 if bits == "ternary" else 2 ** bits)
+            if bits == "ternary":  # step 1.4 mean|w|
+                step = 1.4 * w[c].abs().mean()
+            elif bits == 1:        # step mean|w|
+                step = w[c].abs().mean()
+            else:                  # step max|w| / (2**k - 1): the outer level is max|w|
+                step = w[c].abs().max() / qmax
+            k = eff[c] / step
+            assert torch.allclose(k, k.round(), atol=1e-4)
+            assert set(k.round().tolist()) <= allowed
+            if bits not in (1, "ternary"):
+                assert k.abs().max().round() == qmax
+        before[id(m)] = m.effective_weight().detach()
     net.finalize()
     for m in layers:
         w = m.weight.detach()
-        assert torch.equal(w, w.round())
-        assert w.min() >= -qmax and w.max() <= qmax and w.abs().max() == qmax
-        assert float(m.scale) > 0
+        assert bool(m.frozen) and torch.equal(w, w.round())
+        assert set(w.unique().tolist()) <= allowed
+        assert m.scale.shape == (w.shape[0],) and bool((m.scale > 0).all())
         assert torch.equal(m.effective_weight().detach(), before[id(m)])  # finalising keeps the function
 
 
@@ -531,6 +563,14 @@ CASES = {
     "parallel-32bit": (AdapterSpec("parallel", groups=2, placement="all", bits=32), 0.0),
     "head-only": (AdapterSpec("head"), 0.0),
     "head-only-8bit": (AdapterSpec("head", head_bits=8), 0.0),
+    "serial-1bit": (AdapterSpec("serial", groups=2, bits=1, head_bits=2), 0.0),
+    "parallel-ternary-pruned": (AdapterSpec("parallel", groups=2, reduction=2, bits="ternary", head_bits="ternary"),
+                                0.4),
+    "serial-learned-scale-pruned": (AdapterSpec("serial", bits=2, learn_scale=True), 0.3),
+    "serial-bn16-task-bn": (AdapterSpec("serial", placement="last:2", bits=4, task_bn=True, bn_bits=16,
+                                        learn_scale=True), 0.0),
+    "bn-method-bn16": (AdapterSpec("bn", bn_bits=16, head_bits=8), 0.0),
+    "bn-method": (AdapterSpec("bn"), 0.0),
 }
 
 
@@ -550,9 +590,20 @@ def test_safetensors_round_trip_is_bit_exact(vgg_base, base_sha, tmp_path, case)
     assert not any(k.endswith(".mask") for k in stored)
     quant = {n: m for n, m in net.named_modules() if isinstance(m, (AdapterConv, QuantLinear))}
     for name, m in quant.items():
-        assert stored[f"{name}.weight"].dtype == (torch.int8 if m.weight_bits < 32 else torch.float32)
-    n_adapter = {"serial-4bit-pruned": 6, "parallel-32bit": 5}.get(case, 0)  # 3 blocks x 2 convs; 5 x 1
+        # k-bit weights as their integer levels (8 bits reach +-255: int16), float weights as floats
+        assert stored[f"{name}.weight"].dtype == (torch.int16 if m.bits != 32 else torch.float32)
+        assert torch.equal(stored[f"{name}.weight"].float(), m.weight.detach())
+        if m.bits != 32:
+            assert bool(stored[f"{name}.frozen"]) and torch.equal(stored[f"{name}.scale"], m.scale.detach())
+            assert stored[f"{name}.scale"].shape == (m.weight.shape[0],)
+    assert config["format"] == "bnn-adapter/2"
+    # 3 blocks x 2 convs; 5 x 1; 5 x 1; 5 x 2; 5 x 1; 2 x 1
+    n_adapter = {"serial-4bit-pruned": 6, "parallel-32bit": 5, "serial-1bit": 5, "parallel-ternary-pruned": 10,
+                 "serial-learned-scale-pruned": 5, "serial-bn16-task-bn": 2}.get(case, 0)
     assert len(net.adapter_convs()) == n_adapter
+    # task BN (task_bn, or the `bn` method) travels with the adapter: the base's 6 BNs
+    task_bn = {k.rsplit(".", 1)[0] for k in stored if k.startswith("base.features.") and ".adapter." not in k}
+    assert len(task_bn) == (6 if spec.task_bn or spec.method == "bn" else 0)
     assert sorted(config["pruned_layers"]) == sorted(n for n, m in quant.items() if isinstance(m, AdapterConv)
                                                      and prune)
 
@@ -564,6 +615,10 @@ def test_safetensors_round_trip_is_bit_exact(vgg_base, base_sha, tmp_path, case)
         assert torch.equal(loaded(x), expected)
     for a, b in zip(net.adapter_convs(), loaded.adapter_convs()):
         assert torch.equal(a.effective_weight(), b.effective_weight())
+        assert isinstance(b.scale, nn.Parameter) == (spec.learn_scale and a.bits != 32)
+    for (na, a), (nb, b) in zip(net.named_modules(), loaded.named_modules()):
+        if isinstance(a, nn.BatchNorm2d):  # a float16 task BN was fused (eps 0) and loads that way
+            assert na == nb and a.eps == b.eps and a.stored_bits == b.stored_bits, na
     # the loaded net accounts memory the way the saved one did
     assert memory_report(loaded, include=loaded.is_task_module).bits == memory_report(net, include=net.is_task_module).bits
 
@@ -667,16 +722,53 @@ def test_packed_export_of_task_state(vgg_base, tmp_path):
                  prune=0.3)
     convs = {n: m for n, m in net.named_modules() if isinstance(m, AdapterConv)}
     assert len(convs) == 10 and all(m.pruned for m in convs.values())
+    plan = storage_plan(net, include=net.is_task_module)
     sizes = export_packed(net, tmp_path / "task.bnnpack", {}, include=net.is_task_module)
-    # 10 adapter convs, 5 adapter BNs, head weight and bias
-    assert sizes["tensors"] == 10 + 5 + 2
-    slack = sizes["payload_bytes"] - sizes["accounted_bytes"]
-    assert 0 <= slack <= 2 * sizes["tensors"]
+    # 10 adapter convs and their 10 per-channel scales, 5 adapter BNs, head weight and bias
+    assert sizes["tensors"] == 10 + 10 + 5 + 2
+    # every tensor padded to whole bytes; a sparse one in two parts (mask, then the kept values)
+    by_hand = sum(-(-e.where_bits // 8) + -(-(e.bits - e.where_bits) // 8) for e in plan)
+    assert sizes["payload_bytes"] == by_hand
+    assert sizes["accounted_bytes"] == sum(e.bits for e in plan) / 8
     _, tensors = read_packed(tmp_path / "task.bnnpack")
     for name, m in convs.items():
-        assert torch.equal(tensors[f"{name}.weight"], m.effective_weight().detach()), name
+        # the levels (integers, 0 where pruned) and one scale per output channel, as frozen
+        assert torch.equal(tensors[f"{name}.weight"], m.weight.detach()), name
+        assert torch.equal(tensors[f"{name}.weight"] == 0, m.mask == 0), name
+        assert torch.equal(tensors[f"{name}.scale"], m.scale), name
+        scale = tensors[f"{name}.scale"].view(-1, 1, 1, 1)
+        assert torch.equal(tensors[f"{name}.weight"] * scale, m.effective_weight().detach()), name
     assert torch.equal(tensors["base.head.weight"], net.base.head.weight.detach())
     assert torch.equal(tensors["base.head.bias"], net.base.head.bias.detach())
+
+
+def test_bank_swaps_float16_task_bn_without_residue(vgg_base, base_sha, tmp_path):
+    # `bn` with bn_bits 16 rewrites the base's BNs as float16-rounded scale/shift with eps 0; the
+    # next adapter (no task BN) must see the base's BN again, eps included.
+    a = _build(vgg_base, AdapterSpec("bn", bn_bits=16), 3, seed=41)
+    b = _build(vgg_base, AdapterSpec("serial", bits=1, placement="last:2"), 4, seed=42)
+    assert all(m.eps == 0.0 for m in a.modules() if isinstance(m, nn.BatchNorm2d))
+    save_adapter(a, tmp_path / "a", {"base_sha256": base_sha})
+    save_adapter(b, tmp_path / "b", {"base_sha256": base_sha})
+    cfg_a, t_a = read_adapter(tmp_path / "a")
+    cfg_b, t_b = read_adapter(tmp_path / "b")
+    x = _x(5)
+    with torch.no_grad():
+        want_a, want_b = a(x), b(x)
+    shared = copy.deepcopy(vgg_base)
+    untouched = copy.deepcopy(shared.state_dict())
+    base_eps = lambda: [m.eps for n, m in shared.features.named_modules()
+                        if isinstance(m, nn.BatchNorm2d) and "adapter" not in n.split(".")]
+    eps = base_eps()
+    assert eps == [1e-5] * 6
+    bank = AdapterBank(shared, base_sha)
+    with torch.no_grad():
+        assert torch.equal(bank.activate("a", cfg_a, t_a, "a")(x), want_a)
+        assert torch.equal(bank.activate("b", cfg_b, t_b, "b")(x), want_b)
+        now = shared.state_dict()
+        assert base_eps() == eps
+        assert all(torch.equal(now[k], v) for k, v in untouched.items() if not k.startswith("head."))
+        assert torch.equal(bank.activate("a", cfg_a, t_a, "a")(x), want_a)
 
 
 def test_last_checkpoint_is_the_last_epoch_not_the_best(toy_task, vgg_base, monkeypatch, tmp_path):

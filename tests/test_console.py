@@ -46,3 +46,17 @@ def test_filters_reach_spawned_processes_and_repeat_calls_add_nothing(monkeypatc
     err = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ)).stderr
     assert "a real problem" in err
     assert not any(m[:20] in err for m, _ in CASES), err
+
+
+def test_per_run_lightning_info_lines_are_dropped_and_others_kept():
+    import logging
+
+    quiet()
+    log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    keep = logging.LogRecord(log.name, logging.INFO, "x.py", 1, "Restoring states from the checkpoint path", None, None)
+    assert all(f.filter(keep) for f in log.filters)
+    for text in ("GPU available: False, used: False", "TPU available: False, using: 0 TPU cores",
+                 "`Trainer.fit` stopped: `max_epochs=4` reached.",
+                 "💡 Tip: For seamless cloud logging and experiment tracking, try installing [litlogger](x)"):
+        record = logging.LogRecord(log.name, logging.INFO, "x.py", 1, text, None, None)
+        assert not all(f.filter(record) for f in log.filters), text

@@ -1,17 +1,20 @@
-"""Bit-packed export: file sizes check the accounting, signs and floats round-trip, a model loaded
-from the packed file computes what the source model computes."""
+"""Bit-packed export: file sizes check the accounting, signs and floats round-trip, k-bit levels and
+their per-channel scales are packed as worked out by hand, a model loaded from the packed file
+computes what the source model computes. (Every encoding of a task state: test_quant.py.)"""
 
 from __future__ import annotations
 
 import json
 import struct
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
 from conftest import backbone_with_bn_stats
 from pipeline.errors import UserError
+from pipeline.nn.adapters import AdapterConv, QuantLinear
 from pipeline.nn.backbones import Arch, build_backbone
 from pipeline.nn.binary import QuantConv2d
 from pipeline.nn.export import MAGIC, export_packed, load_packed_into, read_packed
@@ -49,7 +52,7 @@ def test_export_header_layout(tmp_path, source_model):
     path = tmp_path / "m.bnnpack"
     sizes = export_packed(source_model, path, {"arch": ARCH.to_dict(), "note": "x"})
     raw = path.read_bytes()
-    assert raw[:8] == MAGIC == b"BNNPACK1"
+    assert raw[:8] == MAGIC == b"BNNPACK2"
     (n,) = struct.unpack("<I", raw[8:12])
     assert sizes["header_bytes"] == 12 + n
     header = json.loads(raw[12:12 + n])
@@ -147,3 +150,80 @@ def test_truncated_payload_raises_user_error(tmp_path, source_model):
     path.write_bytes(data[:-10])
     with pytest.raises(UserError, match="truncated"):
         read_packed(path)
+
+
+# ------------------------------------------------------------------ k-bit levels and scales by hand
+
+# Two output channels of four weights (test_quant.py works out the levels):
+#   1 bit:   q = [1, -1, 1, 1], [1, -1, 1, -1]        s = 0.45, 0.2675
+#   2 bits:  q = [3, -1, 1, 1], [1, -3, 1, -1]        s = 0.3, 0.2
+#   4 bits:  q = [15, -5, 9, 1], [3, -15, 7, -1]      s = 0.06, 0.04
+#   ternary: q = [1, 0, 1, 0], [0, -1, 1, 0]          s = 0.63, 0.3745
+W = torch.tensor([[0.9, -0.3, 0.5, 0.1], [0.12, -0.6, 0.3, -0.05]])
+
+
+@pytest.mark.parametrize("bits, encoding, payload, levels", [
+    # sign: bit 1 for +1, MSB first: 1011 1010 = 0xBA
+    (1, "sign", [0xBA], [[1, -1, 1, 1], [1, -1, 1, -1]]),
+    # int2: code (q + 3) / 2 = 3 1 2 2 | 2 0 2 1 -> 11 01 10 10 = 0xDA, 10 00 10 01 = 0x89
+    (2, "int2", [0xDA, 0x89], [[3, -1, 1, 1], [1, -3, 1, -1]]),
+    # int4: code (q + 15) / 2 = 15 5 12 8 | 9 0 11 7 -> 0xF5 0xC8 0x90 0xB7
+    (4, "int4", [0xF5, 0xC8, 0x90, 0xB7], [[15, -5, 9, 1], [3, -15, 7, -1]]),
+    # ternary: code q + 1 = 2 1 2 1 | 1 0 2 1 -> 10 01 10 01 = 0x99, 01 00 10 01 = 0x49
+    ("ternary", "ternary", [0x99, 0x49], [[1, 0, 1, 0], [0, -1, 1, 0]]),
+])
+@pytest.mark.parametrize("scale_bits", [32, 16])
+def test_packed_levels_and_scales_by_hand(tmp_path, bits, encoding, payload, levels, scale_bits):
+    conv = AdapterConv(4, 2, groups=1, stride=1, bits=bits, scale_bits=scale_bits)
+    with torch.no_grad():
+        conv.weight.copy_(W.view_as(conv.weight))
+    conv.freeze_codes()
+    model = nn.Sequential(conv)
+    path = tmp_path / "k.bnnpack"
+    sizes = export_packed(model, path, {})
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<I", raw[8:12])
+    records = json.loads(raw[12:12 + n])["tensors"]
+    body = raw[12 + n:]
+    assert [(r["name"], r["encoding"], r["shape"], r["bits"]) for r in records] == [
+        ("0.weight", encoding, [2, 4, 1, 1], 2 if bits == "ternary" else bits),
+        ("0.scale", f"float{scale_bits}", [2], scale_bits),
+    ]
+    w_rec, s_rec = records
+    assert list(body[w_rec["offset"]: w_rec["offset"] + w_rec["nbytes"]]) == payload
+    # the scales follow as 2 little-endian floats of scale_bits
+    dtype = np.float16 if scale_bits == 16 else np.float32
+    scales = np.frombuffer(body[s_rec["offset"]: s_rec["offset"] + s_rec["nbytes"]], dtype=dtype)
+    assert s_rec["nbytes"] == 2 * scale_bits // 8
+    assert torch.equal(torch.from_numpy(scales.astype(np.float32)), conv.scale)
+    # sizes: 8 weights at storage bits (ternary 2) + 2 scales; each tensor padded to whole bytes
+    wb = 8 * (2 if bits == "ternary" else bits)
+    assert sizes["accounted_bytes"] == (wb + 2 * scale_bits) / 8
+    assert sizes["payload_bytes"] == -(-wb // 8) + 2 * scale_bits // 8 == len(payload) + 2 * scale_bits // 8
+    # read_packed gives the levels, not the dequantised values, and the scales apart
+    _, tensors = read_packed(path)
+    assert tensors["0.weight"].view(2, 4).tolist() == levels
+    assert torch.equal(tensors["0.scale"], conv.scale)
+    # load_packed_into restores levels, scales and `frozen` into a fresh layer
+    fresh = nn.Sequential(AdapterConv(4, 2, groups=1, stride=1, bits=bits, scale_bits=scale_bits))
+    load_packed_into(fresh, path)
+    assert bool(fresh[0].frozen)
+    assert torch.equal(fresh[0].weight, conv.weight) and torch.equal(fresh[0].scale, conv.scale)
+    assert torch.equal(fresh[0].effective_weight(), conv.effective_weight())
+
+
+def test_packed_quantised_head_keeps_its_float_bias(tmp_path):
+    # head at 2 bits: weight levels, 2 scales, then the 2 float32 biases as they are
+    head = QuantLinear(4, 2, bits=2)
+    with torch.no_grad():
+        head.weight.copy_(W)
+        head.bias.copy_(torch.tensor([0.25, -1.5]))
+    head.freeze_codes()
+    path = tmp_path / "h.bnnpack"
+    sizes = export_packed(nn.Sequential(head), path, {})
+    # 8 * 2 bits = 2 bytes, 2 float32 scales, 2 float32 biases
+    assert sizes["payload_bytes"] == sizes["accounted_bytes"] == 2 + 8 + 8
+    _, tensors = read_packed(path)
+    assert sorted(tensors) == ["0.bias", "0.scale", "0.weight"]
+    assert tensors["0.bias"].tolist() == [0.25, -1.5]
+    assert tensors["0.weight"].tolist() == [[3, -1, 1, 1], [1, -3, 1, -1]]

@@ -1,5 +1,6 @@
-"""Memory accounting: hand-computed bit counts for small layers, pruned tensors, the report's dict
-form and the `pipeline memory` command."""
+"""Memory accounting: hand-computed bit counts for small layers, pruned tensors, BN at 16 bits, the
+breakdown by kind, the report's dict form and the `pipeline memory` command. (k-bit adapter and
+head weights with their per-channel scales: test_quant.py.)"""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch.nn as nn
 
 from pipeline.cli import main
 from pipeline.nn.binary import QuantConv2d, ste_sign
-from pipeline.nn.memory import index_bits, memory_report, sparse_bits, storage_plan
+from pipeline.nn.memory import BREAKDOWN, breakdown, index_bits, memory_report, sparse_bits, storage_plan
 
 
 # ------------------------------------------------------------------------------ single layers
@@ -47,6 +48,14 @@ def test_batchnorm_two_floats_per_channel():
     report = memory_report(model)
     assert report.bits == 2 * 8 * 32 == 512
     assert report.params == 16  # running stats fold into scale and shift
+
+
+def test_batchnorm_at_16_bits():
+    # a BN stored at 16 bits (task BN with bn_bits 16): 2 * 8 values * 16 bits
+    bn = nn.BatchNorm2d(8)
+    bn.stored_bits = 16
+    (entry,) = storage_plan(nn.Sequential(bn))
+    assert (entry.encoding, entry.numel, entry.bits, entry.value_bits) == ("bn_fused", 16, 256, 16)
 
 
 def test_linear_with_bias():
@@ -155,6 +164,25 @@ def test_unpruned_module_with_zeros_is_dense():
     lin = _with_nonzeros(nn.Linear(10, 10, bias=False), 5)
     lin.pruned = False
     assert memory_report(nn.Sequential(lin)).bits == 100 * 32
+
+
+def test_breakdown_by_kind():
+    # sign conv 288 bits + float conv (288 + 8) * 32 = 9,472 bits: weights (9,760 bits = 1,220 bytes);
+    # BN 2 * 8 * 32 = 512 bits (64 bytes); the dense layer named as the head: 1,056 bits (132 bytes);
+    # a pruned float linear with 5 non-zeros: 5 * 32 value bits (20 bytes) + 5 * 7 index bits
+    # (4.375 bytes of "masks")
+    model = nn.Sequential(
+        QuantConv2d(4, 8, 3, bias=False, kernel_quantizer=ste_sign),
+        nn.Conv2d(4, 8, 3, bias=True),
+        nn.BatchNorm2d(8),
+        nn.Linear(10, 3),
+        _with_nonzeros(nn.Linear(10, 10, bias=False), 5),
+    )
+    plan = storage_plan(model)
+    got = breakdown(plan, head="3")
+    assert tuple(got) == BREAKDOWN == ("weights", "scales", "bn", "head", "masks")
+    assert got == {"weights": 1_220 + 20, "scales": 0.0, "bn": 64, "head": 132, "masks": 35 / 8}
+    assert sum(got.values()) == memory_report(model).bytes == (11_328 + 195) / 8
 
 
 # ----------------------------------------------------------------------------------------- CLI

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from pipeline.config import parse_params as _parse
 
 
@@ -39,3 +41,83 @@ def test_every_method_carries_the_same_keys():
     assert all(k == keys[0] for k in keys)
     head = transfer_keys("t", "head", "binary", params.adapter, 0, 8)
     assert (head["adapter_type"], head["groups"], head["adapter_bits"]) == ("none", 0, 0)
+
+
+# ------------------------------------------------------------------ what the MLflow UI reads (REST)
+
+
+def _serve(root: Path):
+    """`mlflow server` on the built project's own store, as a user would start it."""
+    import subprocess
+    import time
+    import urllib.request
+
+    from conftest import BIN
+    from test_scaleout import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], cwd=root,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
+                return proc, url
+        except OSError:
+            time.sleep(1)
+    proc.kill()
+    raise AssertionError("mlflow server did not start")
+
+
+def _get(url: str, path: str, **query) -> dict:
+    import json
+    import urllib.parse
+    import urllib.request
+
+    return json.loads(urllib.request.urlopen(f"{url}{path}?{urllib.parse.urlencode(query)}", timeout=30).read())
+
+
+def _post(url: str, path: str, body: dict) -> dict:
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(f"{url}{path}", json.dumps(body).encode(), {"Content-Type": "application/json"})
+    return json.loads(urllib.request.urlopen(req, timeout=30).read())
+
+
+@pytest.mark.slow
+def test_rest_api_shows_kind_datasets_and_the_sweep_figure(built_project):
+    """The facts the UI shows, read over the REST API the UI itself calls: the experiment is a model-
+    training one, every training run names its prepared dataset (digest from the manifest's split
+    hashes, split sizes in its profile), and the sweep's parent run holds the Pareto figure."""
+    import hashlib
+    import json
+    import os
+    import signal
+
+    root, _, _ = built_project
+    proc, url = _serve(root)
+    try:
+        exp = _get(url, "/api/2.0/mlflow/experiments/get-by-name", experiment_name="bnn-adapters")["experiment"]
+        tags = {t["key"]: t["value"] for t in exp.get("tags", [])}
+        assert tags["mlflow.experimentKind"] == "custom_model_development"
+        runs = _post(url, "/api/2.0/mlflow/runs/search", {"experiment_ids": [exp["experiment_id"]], "max_results": 1000})["runs"]
+        stage = {r["info"]["run_id"]: {t["key"]: t["value"] for t in r["data"].get("tags", [])}.get("stage") for r in runs}
+        training = [r for r in runs if stage[r["info"]["run_id"]] not in ("sweep",)]
+        assert training
+        for r in training:
+            (ds,) = [d["dataset"] for d in r["inputs"]["dataset_inputs"]]
+            manifest = json.loads((root / "data" / "prepared" / ds["name"] / "manifest.json").read_text())
+            assert ds["digest"] == hashlib.sha256(json.dumps(manifest["sha256"], sort_keys=True).encode()).hexdigest()[:16]
+            profile = json.loads(ds["profile"])
+            assert {k: profile[f"{k}_images"] for k in ("train", "val", "test")} == \
+                {k: sum(v.values()) for k, v in manifest["counts"].items()}
+            assert json.loads(ds["source"])["uri"] == str((root / "data" / "prepared" / ds["name"]).resolve())
+        (sweep,) = [r for r in runs if stage[r["info"]["run_id"]] == "sweep"]
+        files = _get(url, "/api/2.0/mlflow/artifacts/list", run_id=sweep["info"]["run_id"])["files"]
+        assert {"pareto.png", "pareto.csv", "trials.csv"} <= {f["path"] for f in files}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)

@@ -1,6 +1,7 @@
 """Adapter files (PEFT-style): `<stem>.safetensors` holds the task-specific state, `<stem>.json`
 its config, memory and the sha256 of the base checkpoint it was trained against. k-bit adapter
-weights are stored as int8 codes plus their scale; pruning masks are implied by the zeros."""
+weights are stored as int16 levels plus their per-channel scales; pruning masks are implied by the
+zeros."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pipeline.errors import UserError
 from pipeline.nn.adapters import AdapterSpec, TransferNet, _QuantWeight
 from pipeline.nn.backbones import Backbone
 
-FORMAT = "bnn-adapter/1"
+FORMAT = "bnn-adapter/2"  # 2: per-channel scales, integer levels, bn_bits
 
 
 def _file_sha(path: Path) -> str:
@@ -32,8 +33,8 @@ def save_adapter(net: TransferNet, stem: Path, meta: dict[str, Any]) -> dict[str
         owner, leaf = key.rsplit(".", 1)
         if owner in convs and leaf == "mask":
             continue  # the zeros in the weights are the mask
-        if owner in convs and leaf == "weight" and convs[owner].weight_bits < 32:
-            value = value.to(torch.int8)
+        if owner in convs and leaf == "weight" and convs[owner].bits != 32:
+            value = value.to(torch.int16)
         tensors[key] = value.detach().contiguous().clone()
     stem.parent.mkdir(parents=True, exist_ok=True)
     st = stem.with_suffix(".safetensors")
@@ -87,7 +88,7 @@ def apply_adapter(base: Backbone, base_sha256: str, config: dict, tensors: dict[
     state = {}
     for key, value in tensors.items():
         owner, leaf = key.rsplit(".", 1)
-        state[key] = value.float() if value.dtype == torch.int8 else value
+        state[key] = value.float() if value.dtype == torch.int16 else value
         if owner in convs and leaf == "weight":
             state[f"{owner}.mask"] = (value != 0).float() if owner in config["pruned_layers"] else torch.ones_like(state[key])
             convs[owner].pruned = owner in config["pruned_layers"]
@@ -100,6 +101,9 @@ def apply_adapter(base: Backbone, base_sha256: str, config: dict, tensors: dict[
         net.load_state_dict(state, strict=False)
     except RuntimeError as exc:
         raise UserError(f"{source}: tensor shapes do not fit the base ({str(exc).splitlines()[0]})") from None
+    for name, m in net.named_modules():  # finalize fused the float16 task BN: eps 0 (not in the state dict)
+        if isinstance(m, torch.nn.BatchNorm2d) and getattr(m, "stored_bits", 32) == 16 and net.is_task_module(name, m):
+            m.eps = 0.0
     net.eval()
     return net
 
@@ -115,6 +119,7 @@ class AdapterBank:
         self._bn = {k: v.clone() for k, v in base.state_dict().items()
                     if k.startswith("features") and k.rsplit(".", 1)[1] in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
                     and isinstance(base.get_submodule(k.rsplit(".", 1)[0]), torch.nn.BatchNorm2d)}
+        self._eps = {m: m.eps for m in base.features.modules() if isinstance(m, torch.nn.BatchNorm2d)}
         self.active: str | None = None
 
     def activate(self, name: str, config: dict, tensors: dict[str, torch.Tensor], source: str) -> TransferNet:
@@ -122,6 +127,8 @@ class AdapterBank:
             block.adapter = None
         self.base.head = self._head
         self.base.load_state_dict(self._bn, strict=False)
+        for m, eps in self._eps.items():  # a fused float16 task BN has eps 0
+            m.eps = eps
         net = apply_adapter(self.base, self.base_sha256, config, tensors, source)
         self.active = name
         return net

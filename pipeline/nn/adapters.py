@@ -19,50 +19,52 @@ import torch.nn.functional as F
 
 from pipeline.errors import UserError
 from pipeline.nn.backbones import Backbone, ConvBlock
+from pipeline.nn.binary import Bits, fixed_scale, grad_scale, q_max, quant_levels, storage_bits
 
 AdapterType = Literal["serial", "parallel"]
-Method = Literal["full", "head", "serial", "parallel"]
-
-
-class _RoundSTE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return torch.round(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
-
-
-def quantize(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric uniform k-bit codes (in [-(2^(k-1)-1), 2^(k-1)-1]) and their float scale."""
-    qmax = 2 ** (bits - 1) - 1
-    scale = w.detach().abs().max().clamp_min(1e-12) / qmax
-    codes = _RoundSTE.apply(w / scale).clamp(-qmax, qmax)
-    return codes, scale
+Method = Literal["full", "head", "bn", "serial", "parallel"]
 
 
 class _QuantWeight:
-    """k-bit fake quantisation (STE) and a pruning mask for a conv or dense weight.
+    """k-bit fake quantisation (straight-through) and a pruning mask for a conv or dense weight.
 
-    `weight_bits` and `pruned` are what the memory accounting reads. `freeze_codes()` turns the
-    latent weights into stored integer codes + scale, the form saved in adapter files.
+    The stored form is integer levels q times one float scale per output channel (see
+    `pipeline.nn.binary`); the scale is the closed-form one, or learned (LSQ) with `learn_scale`.
+    `bits`, `scale_bits` and `pruned` are what the memory accounting reads. `freeze_codes()` turns
+    the latent weights into the stored levels (kept in `weight`) and scales, as saved in adapter files.
     """
 
-    def _init_quant(self, bits: int) -> None:
-        self.weight_bits = bits
+    def _init_quant(self, bits: Bits, learn_scale: bool = False, scale_bits: int = 32) -> None:
+        self.bits = bits
+        self.weight_bits = storage_bits(bits)
+        self.scale_bits = scale_bits
+        self.learn_scale = learn_scale and bits != 32
         self.pruned = False
         self.register_buffer("mask", torch.ones_like(self.weight))
-        self.register_buffer("scale", torch.zeros(()))  # > 0 once codes are frozen
+        self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))  # weight holds levels
+        init = fixed_scale(self.weight, bits) if bits != 32 else torch.zeros(self.weight.shape[0])
+        if self.learn_scale:
+            self.scale = nn.Parameter(init.clone())
+        else:
+            self.register_buffer("scale", init.clone())
+
+    def _scale(self) -> torch.Tensor:
+        if self.learn_scale:  # LSQ: gradient scaled by 1 / sqrt(weights per channel * q_max)
+            return grad_scale(self.scale.abs().clamp_min(1e-8), (self.weight[0].numel() * q_max(self.bits)) ** -0.5)
+        return fixed_scale(self.weight, self.bits, self.mask)
+
+    def levels_and_scale(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored form: integer levels (0 where pruned) and the per-channel scale."""
+        if bool(self.frozen):
+            return self.weight, self.scale
+        scale = self._scale()
+        return quant_levels(self.weight, scale, self.bits) * self.mask, scale
 
     def effective_weight(self) -> torch.Tensor:
-        w = self.weight * self.mask
-        if self.weight_bits >= 32:
-            return w
-        if self.scale > 0:  # frozen: weight holds integer codes
-            return w * self.scale
-        codes, scale = quantize(w, self.weight_bits)
-        return codes * scale
+        if self.bits == 32:
+            return self.weight * self.mask
+        q, scale = self.levels_and_scale()
+        return q * scale.view((-1,) + (1,) * (q.dim() - 1))
 
     @torch.no_grad()
     def make_pruning_permanent(self) -> None:
@@ -71,19 +73,23 @@ class _QuantWeight:
 
     @torch.no_grad()
     def freeze_codes(self) -> None:
-        if self.weight_bits >= 32 or self.scale > 0:
+        if self.bits == 32 or bool(self.frozen):
             return
-        codes, scale = quantize(self.weight * self.mask, self.weight_bits)
-        self.weight.copy_(codes)
-        self.scale.fill_(float(scale))
+        q, scale = self.levels_and_scale()
+        if self.scale_bits == 16:  # what is stored is what runs
+            scale = scale.half().float()
+        self.weight.copy_(q)
+        self.scale.data = scale.detach().clone()
+        self.frozen.fill_(True)
 
 
 class AdapterConv(_QuantWeight, nn.Conv2d):
     """1x1 adapter conv (grouped, strided) with k-bit weights and a pruning mask."""
 
-    def __init__(self, cin: int, cout: int, groups: int, stride: int, bits: int):
+    def __init__(self, cin: int, cout: int, groups: int, stride: int, bits: Bits, learn_scale: bool = False,
+                 scale_bits: int = 32):
         nn.Conv2d.__init__(self, cin, cout, 1, stride=stride, groups=groups, bias=False)
-        self._init_quant(bits)
+        self._init_quant(bits, learn_scale, scale_bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.effective_weight(), None)
@@ -92,7 +98,7 @@ class AdapterConv(_QuantWeight, nn.Conv2d):
 class QuantLinear(_QuantWeight, nn.Linear):
     """The task head, optionally with k-bit weights (its bias stays float32)."""
 
-    def __init__(self, cin: int, cout: int, bits: int = 32):
+    def __init__(self, cin: int, cout: int, bits: Bits = 32):
         nn.Linear.__init__(self, cin, cout)
         self._init_quant(bits)
 
@@ -101,17 +107,20 @@ class QuantLinear(_QuantWeight, nn.Linear):
 
 
 class Adapter(nn.Module):
-    def __init__(self, kind: AdapterType, cin: int, cout: int, stride: int, groups: int, reduction: int, bits: int):
+    def __init__(self, kind: AdapterType, cin: int, cout: int, stride: int, groups: int, reduction: int, bits: Bits,
+                 learn_scale: bool = False, bn_bits: int = 32):
         super().__init__()
         self.kind = kind
         src = cout if kind == "serial" else cin
         mid = cout // reduction
         stride = stride if kind == "parallel" else 1
-        layers = [AdapterConv(src, mid, groups, stride, bits)]
+        q = dict(learn_scale=learn_scale, scale_bits=bn_bits)  # per-channel floats stored alike
+        layers = [AdapterConv(src, mid, groups, stride, bits, **q)]
         if reduction > 1:
-            layers.append(AdapterConv(mid, cout, groups, 1, bits))
+            layers.append(AdapterConv(mid, cout, groups, 1, bits, **q))
         self.convs = nn.Sequential(*layers)
         self.bn = nn.BatchNorm2d(cout)
+        self.bn.stored_bits = bn_bits
         nn.init.zeros_(self.bn.weight)  # identity at initialisation
 
     def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -127,8 +136,10 @@ class AdapterSpec:
     reduction: int = 1
     placement: Union[str, list[int]] = "all"
     task_bn: bool = False
-    bits: int = 32
-    head_bits: int = 32
+    bits: Bits = 32
+    head_bits: Bits = 32
+    bn_bits: int = 32         # fused adapter/task BN and adapter weight scales (the head's stay 32)
+    learn_scale: bool = False  # LSQ step sizes instead of the closed-form scales
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -182,7 +193,10 @@ class TransferNet(nn.Module):
             for i in self.adapted:
                 c = blocks[i].conv
                 blocks[i].adapter = Adapter(spec.method, c.in_channels, c.out_channels, c.stride[0],
-                                            spec.groups, spec.reduction, spec.bits)
+                                            spec.groups, spec.reduction, spec.bits, spec.learn_scale, spec.bn_bits)
+        for name, m in base.features.named_modules():  # how the task BN is stored (a bank reuses the base)
+            if isinstance(m, nn.BatchNorm2d) and "adapter" not in name.split("."):  # BN_a keeps its bn_bits
+                m.stored_bits = spec.bn_bits if self.task_bn else 32
         for name, p in base.named_parameters():
             p.requires_grad = spec.method == "full" or self.is_task_param(name)
 
@@ -193,7 +207,12 @@ class TransferNet(nn.Module):
             return True
         if name == "base.head" or ".adapter" in name:
             return True
-        return self.spec.task_bn and isinstance(module, nn.BatchNorm2d) and name.startswith("base.features")
+        return self.task_bn and isinstance(module, nn.BatchNorm2d) and name.startswith("base.features")
+
+    @property
+    def task_bn(self) -> bool:
+        """`bn` trains only the base's BN (in a BNN, its shift is the next sign's threshold) and the head."""
+        return self.spec.method == "bn" or self.spec.task_bn
 
     def is_task_param(self, base_name: str) -> bool:
         modules = dict(self.named_modules())
@@ -242,8 +261,29 @@ class TransferNet(nn.Module):
         return [m for m in self.modules() if isinstance(m, AdapterConv)]
 
     def finalize(self) -> None:
-        """Make pruning permanent and freeze k-bit codes: the stored, inference form."""
-        for m in self.modules():
+        """Make pruning permanent, freeze k-bit codes, and round what is stored in float16 to it:
+        the stored, inference form."""
+        for name, m in self.named_modules():
             if isinstance(m, _QuantWeight):
                 m.make_pruning_permanent()
                 m.freeze_codes()
+            elif isinstance(m, nn.BatchNorm2d) and getattr(m, "stored_bits", 32) == 16 and self.is_task_module(name, m):
+                fuse_bn_(m, torch.float16)
+
+
+@torch.no_grad()
+def fused_bn(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode BN as y = scale * x + shift."""
+    scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+    return scale, bn.bias.detach() - bn.running_mean * scale
+
+
+@torch.no_grad()
+def fuse_bn_(bn: nn.modules.batchnorm._BatchNorm, dtype: torch.dtype = torch.float32) -> None:
+    """Rewrite `bn` in place as its fused scale and shift (rounded through `dtype`)."""
+    scale, shift = fused_bn(bn)
+    bn.weight.copy_(scale.to(dtype).float())
+    bn.bias.copy_(shift.to(dtype).float())
+    bn.running_mean.zero_()
+    bn.running_var.fill_(1.0)
+    bn.eps = 0.0

@@ -1,8 +1,12 @@
 """Bit-packed export of a model, written from `storage_plan` so its size checks the accounting.
 
-File layout: b"BNNPACK1", uint32 little-endian header length, a JSON header (architecture and one
-record per tensor: name, encoding, shape, offset, nbytes), then the payload. Each tensor is padded
-to whole bytes; the header is the only other overhead.
+File layout: b"BNNPACK2", uint32 little-endian header length, a JSON header (architecture and one
+record per tensor: name, encoding, shape, bits, nnz, levels, offset, nbytes), then the payload.
+Each tensor is padded to whole bytes; the header is the only other overhead. Bit order: MSB first
+(numpy packbits). Encodings: sign (1 = +1), int{k} (code c -> level 2c - (2**k - 1)), ternary
+(c -> c - 1), float32/float16, bn_fused ((2, C): scale then shift, at `bits`), sparse (a 1-bit
+mask or ceil(log2(numel))-bit indices, then the kept values in `levels`). A k-bit weight is its
+levels times its `<layer>.scale` entry, one value per output channel.
 """
 
 from __future__ import annotations
@@ -16,15 +20,10 @@ import torch
 import torch.nn as nn
 
 from pipeline.errors import UserError
+from pipeline.nn.binary import code_levels, level_codes
 from pipeline.nn.memory import TensorEntry, index_bits, storage_plan
 
-MAGIC = b"BNNPACK1"
-
-
-def _fused_bn(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
-    shift = bn.bias.detach() - bn.running_mean * scale
-    return scale, shift
+MAGIC = b"BNNPACK2"  # 2: k-bit levels and their per-channel scales as separate tensors
 
 
 def pack_uint(values: np.ndarray, bits: int) -> bytes:
@@ -39,54 +38,62 @@ def unpack_uint(data: bytes, bits: int, count: int) -> np.ndarray:
     return (planes.astype(np.int64) << np.arange(bits - 1, -1, -1)).sum(1)
 
 
-def _codes(module: nn.Module, weight: torch.Tensor, bits: int) -> tuple[np.ndarray, float]:
-    """Integer codes and scale of a k-bit weight (frozen codes if the layer has them)."""
-    from pipeline.nn.adapters import quantize
+def _floats(t: torch.Tensor, bits: int) -> bytes:
+    return t.detach().float().numpy().astype(np.float16 if bits == 16 else np.float32).tobytes()
 
-    mask = getattr(module, "mask", torch.ones_like(weight))
-    frozen = getattr(module, "scale", None)
-    if frozen is not None and float(frozen) > 0:
-        return (weight * mask).round().to(torch.int64).numpy().reshape(-1), float(frozen)
-    codes, scale = quantize(weight * mask, bits)
-    return codes.to(torch.int64).numpy().reshape(-1), float(scale)
+
+def _encode_levels(values: np.ndarray, encoding: str) -> bytes:
+    """Integer levels (or floats) of one of the level encodings, packed."""
+    if encoding == "float32":
+        return values.astype(np.float32).tobytes()
+    if encoding == "sign":
+        return np.packbits((values >= 0).astype(np.uint8)).tobytes()  # a binary conv's latent weights too
+    bits = 2 if encoding == "ternary" else int(encoding[3:])
+    codes = level_codes(torch.from_numpy(values.astype(np.float64)), "ternary" if encoding == "ternary" else bits)
+    return pack_uint(codes.numpy().round().astype(np.int64), bits)
+
+
+def _decode_levels(chunk: bytes, encoding: str, count: int) -> np.ndarray:
+    if encoding == "float32":
+        return np.frombuffer(chunk, dtype=np.float32)[:count].copy()
+    if encoding == "sign":
+        return np.unpackbits(np.frombuffer(chunk, dtype=np.uint8))[:count].astype(np.float32) * 2 - 1
+    bits = 2 if encoding == "ternary" else int(encoding[3:])
+    codes = torch.from_numpy(unpack_uint(chunk, bits, count).astype(np.float32))
+    return code_levels(codes, "ternary" if encoding == "ternary" else bits).numpy()
+
+
+def _stored(module: nn.Module, name: str, model: nn.Module) -> torch.Tensor:
+    """A weight as stored: signs for a binary conv, integer levels for k-bit, else the floats."""
+    from pipeline.nn.adapters import _QuantWeight
+
+    if isinstance(module, _QuantWeight) and name.rsplit(".", 1)[-1] == "weight":  # not the head's bias
+        if module.bits == 32:
+            return (module.weight * module.mask).detach()
+        return module.levels_and_scale()[0].detach()
+    return model.get_parameter(name).detach()
 
 
 def _encode(entry: TensorEntry, model: nn.Module) -> tuple[bytes, list[int]]:
-    modules = dict(model.named_modules())
+    from pipeline.nn.adapters import fused_bn
+
+    module = dict(model.named_modules())[entry.layer]
     if entry.encoding == "bn_fused":
-        scale, shift = _fused_bn(modules[entry.layer])
-        return torch.cat([scale, shift]).float().numpy().tobytes(), [2, scale.numel()]
-    module = modules[entry.layer]
-    tensor = model.get_parameter(entry.name).detach()
-    shape = list(tensor.shape)
-    bits = entry.value_bits
-    if entry.encoding == "sign":
-        return np.packbits((tensor >= 0).numpy().reshape(-1)).tobytes(), shape
-    if entry.encoding == "float32":
-        return tensor.float().numpy().tobytes(), shape
-    qmax = 2 ** (bits - 1) - 1
-    if entry.encoding.startswith("int"):
-        codes, scale = _codes(module, tensor, bits)
-        return pack_uint(codes + qmax, bits) + np.float32(scale).tobytes(), shape
-    if entry.encoding == "sparse":
-        if bits < 32:
-            values, scale = _codes(module, tensor, bits)
-        else:
-            values, scale = (tensor * getattr(module, "mask", 1)).numpy().reshape(-1), None
-        nz = np.flatnonzero(values)
-        n = values.size
-        if n <= len(nz) * index_bits(n):  # the cheaper of a 1-bit mask or explicit indices
-            where = np.packbits((values != 0).astype(np.uint8)).tobytes()
-        else:
-            where = pack_uint(nz, index_bits(n))
-        if bits == 32:
-            data = values[nz].astype(np.float32).tobytes()
-        elif bits == 1:
-            data = np.packbits((values[nz] > 0).astype(np.uint8)).tobytes()
-        else:
-            data = pack_uint(values[nz].astype(np.int64) + qmax, bits) + np.float32(scale).tobytes()
-        return where + data, shape
-    raise NotImplementedError(f"export of encoding '{entry.encoding}'")
+        scale, shift = fused_bn(module)
+        return _floats(torch.cat([scale, shift]), entry.value_bits), [2, scale.numel()]
+    if entry.name.endswith(".scale"):
+        return _floats(module.levels_and_scale()[1], entry.value_bits), [entry.numel]
+    tensor = _stored(module, entry.name, model)
+    shape, values = list(tensor.shape), tensor.numpy().reshape(-1)
+    if entry.encoding != "sparse":
+        return _encode_levels(values, entry.encoding), shape
+    nz = np.flatnonzero(values)
+    n = values.size
+    if n <= len(nz) * index_bits(n):  # the cheaper of a 1-bit mask or explicit indices
+        where = np.packbits((values != 0).astype(np.uint8)).tobytes()
+    else:
+        where = pack_uint(nz, index_bits(n))
+    return where + _encode_levels(values[nz], entry.levels), shape
 
 
 def export_packed(model: nn.Module, path: Path, meta: dict, include=None) -> dict:
@@ -96,7 +103,8 @@ def export_packed(model: nn.Module, path: Path, meta: dict, include=None) -> dic
     for e in plan:
         data, shape = _encode(e, model)
         records.append({"name": e.name, "layer": e.layer, "encoding": e.encoding, "shape": shape,
-                        "bits": e.value_bits, "nnz": e.nnz, "offset": offset, "nbytes": len(data)})
+                        "bits": e.value_bits, "nnz": e.nnz, "levels": e.levels, "offset": offset,
+                        "nbytes": len(data)})
         chunks.append(data)
         offset += len(data)
     header = json.dumps({"meta": meta, "tensors": records}, separators=(",", ":")).encode()
@@ -140,43 +148,38 @@ def read_packed(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def _decode(r: dict, chunk: bytes, numel: int) -> np.ndarray:
     enc, bits = r["encoding"], r.get("bits", 32)
-    qmax = 2 ** (bits - 1) - 1
-    if enc == "sign":
-        return np.unpackbits(np.frombuffer(chunk, dtype=np.uint8))[:numel].astype(np.float32) * 2 - 1
-    if enc.startswith("int"):
-        scale = np.frombuffer(chunk[-4:], dtype=np.float32)[0]
-        return ((unpack_uint(chunk[:-4], bits, numel) - qmax) * scale).astype(np.float32)
-    if enc == "sparse":
-        nnz = r["nnz"]
-        if numel <= nnz * index_bits(numel):
-            n_where = (numel + 7) // 8
-            nz = np.flatnonzero(np.unpackbits(np.frombuffer(chunk[:n_where], dtype=np.uint8))[:numel])
-        else:
-            n_where = (nnz * index_bits(numel) + 7) // 8
-            nz = unpack_uint(chunk[:n_where], index_bits(numel), nnz)
-        data = chunk[n_where:]
-        if bits == 32:
-            vals = np.frombuffer(data, dtype=np.float32)
-        elif bits == 1:
-            vals = np.unpackbits(np.frombuffer(data, dtype=np.uint8))[:nnz].astype(np.float32) * 2 - 1
-        else:
-            scale = np.frombuffer(data[-4:], dtype=np.float32)[0]
-            vals = ((unpack_uint(data[:-4], bits, nnz) - qmax) * scale).astype(np.float32)
-        out = np.zeros(numel, dtype=np.float32)
-        out[nz] = vals
-        return out
-    return np.frombuffer(chunk, dtype=np.float32).copy()
+    if enc in ("bn_fused", "float16"):
+        return np.frombuffer(chunk, dtype=np.float16 if bits == 16 else np.float32).astype(np.float32)
+    if enc != "sparse":
+        return _decode_levels(chunk, enc, numel)
+    nnz = r["nnz"]
+    if numel <= nnz * index_bits(numel):
+        n_where = (numel + 7) // 8
+        nz = np.flatnonzero(np.unpackbits(np.frombuffer(chunk[:n_where], dtype=np.uint8))[:numel])
+    else:
+        n_where = (nnz * index_bits(numel) + 7) // 8
+        nz = unpack_uint(chunk[:n_where], index_bits(numel), nnz)
+    out = np.zeros(numel, dtype=np.float32)
+    out[nz] = _decode_levels(chunk[n_where:], r["levels"], nnz)
+    return out
 
 
 def load_packed_into(model: nn.Module, path: Path) -> None:
-    """Load a packed file into `model` (BN set to the fused scale/shift), for round-trip checks."""
+    """Load a packed file into `model`: BN set to the fused scale/shift, k-bit weights to their
+    levels and scales (frozen), everything else copied."""
+    from pipeline.nn.adapters import _QuantWeight
+
     _, tensors = read_packed(path)
     modules = dict(model.named_modules())
     with torch.no_grad():
         for name, t in tensors.items():
             m = modules.get(name)
+            owner = modules.get(name.rsplit(".", 1)[0])
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.weight.copy_(t[0]); m.bias.copy_(t[1])
                 m.running_mean.zero_(); m.running_var.fill_(1.0); m.eps = 0.0
+            elif isinstance(owner, _QuantWeight) and name.endswith(".scale"):
+                owner.scale.data = t.clone()
+                owner.frozen.fill_(True)
             else:
                 model.get_parameter(name).copy_(t)

@@ -1,13 +1,16 @@
 """The one memory function. Rule (DESIGN.md, after Larq's `larq.models.summary`):
 
-- binary weights: 1 bit each; float tensors: 32 bits; k-bit quantised weights: k bits each
-  plus one float32 scale per tensor;
-- BatchNorm: 2 values per channel at 32 bits (scale and shift once fused);
+- binary weights: 1 bit each; float tensors: 32 bits; k-bit quantised weights (ternary: 2): k bits
+  each plus one scale per output channel;
+- BatchNorm: 2 values per channel (scale and shift once fused), 32 bits each, or the task
+  state's `bn_bits`; the adapters' weight scales are stored at the same width (the head's
+  at 32);
 - a pruned tensor: its non-zeros times their bits plus the cheaper of a 1-bit mask or explicit
   indices (ceil(log2(numel)) bits each).
 
 `storage_plan` lists every stored tensor with its encoding; `memory_report` sums it and
 `pipeline.nn.export` writes the very same plan to disk, so file sizes check the accounting.
+`breakdown` splits a plan into what the report names: weights, scales, BN, head, masks.
 """
 
 from __future__ import annotations
@@ -26,11 +29,13 @@ from pipeline.nn.binary import QuantConv2d
 class TensorEntry:
     name: str          # state-dict style name ("features.2.conv.weight", "features.1" for a BN)
     layer: str         # module name the tensor belongs to
-    encoding: str      # "sign" | "float32" | "bn_fused" | "int{k}" | "sparse"
+    encoding: str      # "sign" | "int{k}" | "ternary" | "float32" | "float16" | "bn_fused" | "sparse"
     numel: int         # values stored before pruning
     bits: int          # exact bits this entry needs
-    value_bits: int    # bits per stored value (1, k or 32)
+    value_bits: int    # bits per stored value (1, 2, k, 16 or 32)
     nnz: Optional[int] = None  # for pruned tensors
+    where_bits: int = 0        # for pruned tensors: the mask or index bits inside `bits`
+    levels: Optional[str] = None  # for pruned tensors: how the kept values are coded (an encoding)
 
 
 @dataclass
@@ -103,18 +108,27 @@ def weight_bits(module: nn.Module) -> int:
     return int(getattr(module, "weight_bits", 32))
 
 
-def _weight_entry(name: str, layer: str, module: nn.Module, w: torch.Tensor) -> TensorEntry:
-    bits = weight_bits(module)
-    numel = w.numel()
+def level_encoding(module: nn.Module) -> str:
+    bits = getattr(module, "bits", weight_bits(module))
+    return {1: "sign", 32: "float32", "ternary": "ternary"}.get(bits, f"int{bits}")
+
+
+def _weight_entries(name: str, layer: str, module: nn.Module, w: torch.Tensor) -> list[TensorEntry]:
+    bits, numel = weight_bits(module), w.numel()
+    levels = level_encoding(module)
     if getattr(module, "pruned", False):
+        if levels == "ternary":  # levels of 0 are not stored either (latent weights: count the levels)
+            with torch.no_grad():
+                w = module.levels_and_scale()[0]
         nnz = int(torch.count_nonzero(w))
-        extra = 32 if 1 < bits < 32 else 0  # the scale of a k-bit tensor
-        return TensorEntry(name, layer, "sparse", numel, sparse_bits(numel, nnz, bits) + extra, bits, nnz)
-    if bits == 1:
-        return TensorEntry(name, layer, "sign", numel, numel, 1)
-    if bits == 32:
-        return TensorEntry(name, layer, "float32", numel, 32 * numel, 32)
-    return TensorEntry(name, layer, f"int{bits}", numel, bits * numel + 32, bits)
+        where = min(numel, nnz * index_bits(numel))
+        entries = [TensorEntry(name, layer, "sparse", numel, nnz * bits + where, bits, nnz, where, levels)]
+    else:
+        entries = [TensorEntry(name, layer, levels, numel, bits * numel, bits)]
+    if getattr(module, "bits", 32) != 32:  # one scale per output channel
+        sb, channels = int(getattr(module, "scale_bits", 32)), w.shape[0]
+        entries.append(TensorEntry(f"{layer}.scale", layer, f"float{sb}", channels, sb * channels, sb))
+    return entries
 
 
 def storage_plan(model: nn.Module, include: Optional[Callable[[str, nn.Module], bool]] = None) -> list[TensorEntry]:
@@ -127,15 +141,37 @@ def storage_plan(model: nn.Module, include: Optional[Callable[[str, nn.Module], 
         if include is not None and not include(name, m):
             continue
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            entries.append(TensorEntry(name, name, "bn_fused", 2 * m.num_features, 64 * m.num_features, 32))
+            vb = int(getattr(m, "stored_bits", 32))
+            entries.append(TensorEntry(name, name, "bn_fused", 2 * m.num_features, 2 * vb * m.num_features, vb))
             continue
         for pname, p in m.named_parameters(recurse=False):
             full = f"{name}.{pname}" if name else pname
             if pname == "weight" and isinstance(m, (nn.Conv2d, nn.Linear)):
-                entries.append(_weight_entry(full, name, m, p.detach()))
-            else:
+                entries += _weight_entries(full, name, m, p.detach())
+            elif pname != "scale":  # a learned scale is counted with its weight
                 entries.append(TensorEntry(full, name, "float32", p.numel(), 32 * p.numel(), 32))
     return entries
+
+
+BREAKDOWN = ("weights", "scales", "bn", "head", "masks")
+BREAKDOWN_COLUMNS = [f"mem_{k}_bytes" for k in BREAKDOWN]  # in results.csv and pareto.csv
+
+
+def breakdown(entries: list[TensorEntry], head: str = "base.head") -> dict[str, float]:
+    """Bytes of a storage plan by kind: the head (all of it), BN, weight scales, pruning masks or
+    indices, and the weights themselves (everything else)."""
+    out = dict.fromkeys(BREAKDOWN, 0.0)
+    for e in entries:
+        if e.layer == head:
+            out["head"] += e.bits / 8
+        elif e.encoding == "bn_fused":
+            out["bn"] += e.bits / 8
+        elif e.name.endswith(".scale"):
+            out["scales"] += e.bits / 8
+        else:
+            out["masks"] += e.where_bits / 8
+            out["weights"] += (e.bits - e.where_bits) / 8
+    return out
 
 
 def _kind(module: nn.Module) -> str:

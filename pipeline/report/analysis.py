@@ -11,14 +11,17 @@ from typing import Optional
 import pandas as pd
 
 from pipeline.errors import UserError
+from pipeline.nn.memory import BREAKDOWN_COLUMNS
 from pipeline.stats import mean_ci
 
 CONFIG = ["target", "method", "precision", "adapter_type", "groups", "reduction", "placement",
-          "adapter_bits", "head_bits", "prune_amount", "task_bn"]
+          "adapter_bits", "learn_scale", "head_bits", "prune_amount", "task_bn", "bn_bits"]
 ADAPTERS = ("serial", "parallel")
+TASK_STATES = ("head", "bn") + ADAPTERS  # every method that keeps the base and stores a task state
+BREAKDOWN = BREAKDOWN_COLUMNS
 # per-seed columns averaged with a 95% interval
 MEASURES = ("val_acc", "test_acc", "task_memory_bytes", "memory_ratio", "train_time_s", "time_to_95_s",
-            "epoch_time_s", "epochs_run")
+            "epoch_time_s", "epochs_run", *BREAKDOWN)
 MAKERS = {  # input (relative to the reports folder) -> the stage that writes it
     "results.csv": "results",
     "metrics/pretrain_binary.json": "pretrain@binary",
@@ -98,16 +101,32 @@ def baseline(cfg: pd.DataFrame, target: str, method: str, precision: str = "bina
     return rows.iloc[0] if len(rows) else None
 
 
-def candidates(inputs: Inputs, target: str) -> pd.DataFrame:
-    """Adapter configurations measured on every seed: the transfer stage's and the sweep's Pareto
-    points (retrained on the seeds), as (source, method, memory_ratio, val/test mean and interval)."""
+def describe(r) -> str:
+    """A configuration in a few words: `parallel g4 r1 all 1-bit, BN 16-bit, pruned 0.5`."""
+    if r.method not in ADAPTERS:
+        return {"bn": f"BN thresholds + head, BN {r.get('bn_bits', 32)}-bit", "head": "head only"}.get(r.method, r.method)
+    g = r.get("groups", "?")
+    text = f"{r.method} g{g} r{r.get('reduction', 1)} {r.get('placement', '?')} {r.get('adapter_bits', r.get('bits', '?'))}-bit"
+    if bool(r.get("task_bn", False)):
+        text += " +task BN"
+    if float(r.get("prune_amount", 0) or 0) > 0:
+        text += f" pruned {float(r.prune_amount):g}"
+    return text
+
+
+def candidates(inputs: Inputs, target: str, methods: tuple[str, ...] = ADAPTERS) -> pd.DataFrame:
+    """Task-state configurations measured on every seed: the transfer stages' and the sweep's Pareto
+    points (retrained on the seeds), as (source, method, config, memory_ratio and its breakdown,
+    val/test mean and interval)."""
     cfg = per_config(inputs.results)
-    a = cfg[(cfg.target == target) & cfg.method.isin(ADAPTERS)]
+    a = cfg[(cfg.target == target) & cfg.method.isin(methods) & (cfg.precision == "binary")]
     keep = ["method", "memory_ratio", "val_acc", "val_acc_ci", "test_acc", "test_acc_ci", "seeds"]
-    rows = [a[keep].assign(source="transfer stage")]
+    rows = [a[keep + [b for b in BREAKDOWN if b in a]].assign(source="transfer stage", config=[describe(r) for _, r in a.iterrows()])]
     p = inputs.pareto.get(target)
     if p is not None and len(p):
-        rows.append(p[keep].assign(source="sweep trial " + p.number.astype(str)))
+        rows.append(p[keep + [b for b in BREAKDOWN if b in p]].assign(
+            source="sweep trial " + p.number.astype(str),
+            config=[describe(r) for _, r in p.rename(columns={"bits": "adapter_bits"}).iterrows()]))
     return pd.concat(rows, ignore_index=True)
 
 
@@ -124,19 +143,20 @@ def best_adapter(inputs: Inputs, target: str, max_ratio: float) -> Optional[pd.S
 
 
 def smallest_within(inputs: Inputs, target: str, points: float) -> Optional[pd.Series]:
-    """The smallest adapter whose mean *val* accuracy is within `points` percentage points of
-    binary `full`'s mean val accuracy (chosen on val; its test accuracy is then reported)."""
+    """The smallest task state (adapters, BN thresholds, head) whose mean *val* accuracy is within
+    `points` percentage points of binary `full`'s mean val accuracy (chosen on val; its test
+    accuracy is then reported)."""
     full = baseline(per_config(inputs.results), target, "full")
     if full is None:
         return None
-    c = candidates(inputs, target)
+    c = candidates(inputs, target, TASK_STATES)
     ok = c[c.val_acc.round(9) >= round(full.val_acc - points / 100, 9)]
     return ok.sort_values(["memory_ratio", "val_acc"], ascending=[True, False]).iloc[0] if len(ok) else None
 
 
 def most_accurate(inputs: Inputs, target: str) -> Optional[pd.Series]:
-    """The adapter with the best mean val accuracy, whatever its size (named where none is close)."""
-    c = candidates(inputs, target)
+    """The task state with the best mean val accuracy, whatever its size (named where none is close)."""
+    c = candidates(inputs, target, TASK_STATES)
     if c.empty:
         return None
     c = c.assign(_val=c.val_acc.round(9))  # ties as in best_adapter
@@ -171,6 +191,8 @@ def dvc_stage(stem: str) -> str:
     if rest.endswith("_full_fp32"):
         return f"transfer_fp32@{rest[:-len('_full_fp32')]}"
     target, _, method = rest.rpartition("_")
+    if method == "bn":
+        return f"bn@{target}"
     return f"{'baseline' if method in ('full', 'head') else 'transfer'}@{target}-{method}"
 
 

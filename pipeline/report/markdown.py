@@ -7,8 +7,8 @@ from typing import Optional
 
 import pandas as pd
 
-from pipeline.report.analysis import (ADAPTERS, Inputs, band_position, baseline, best_adapter, most_accurate,
-                                      per_config, smallest_within, stage_times, time_ratios)
+from pipeline.report.analysis import (ADAPTERS, BREAKDOWN, Inputs, band_position, baseline, best_adapter, describe,
+                                      most_accurate, per_config, smallest_within, stage_times, time_ratios)
 from pipeline.stats import distinguishable
 
 
@@ -56,8 +56,9 @@ def accuracy_section(inputs: Inputs, max_ratio: float) -> tuple[str, pd.DataFram
     rows, lines = [], []
     for t in inputs.targets:
         best = best_adapter(inputs, t, max_ratio)
-        base = {(m, p): baseline(cfg, t, m, p) for m, p in (("full", "binary"), ("full", "fp32"), ("head", "binary"))}
-        fb, ff, hd = base[("full", "binary")], base[("full", "fp32")], base[("head", "binary")]
+        base = {(m, p): baseline(cfg, t, m, p) for m, p in (("full", "binary"), ("full", "fp32"), ("head", "binary"),
+                                                            ("bn", "binary"))}
+        fb, ff, hd, bn = base[("full", "binary")], base[("full", "fp32")], base[("head", "binary")], base[("bn", "binary")]
 
         def acc(r):
             return "n/a" if r is None else ci_pct(r.test_acc, r.test_acc_ci)
@@ -69,6 +70,7 @@ def accuracy_section(inputs: Inputs, max_ratio: float) -> tuple[str, pd.DataFram
             "binary full": acc(fb), "gap vs binary full": verdict(best, fb),
             "fp32 full": acc(ff), "gap vs fp32 full": verdict(best, ff),
             "head only": acc(hd), "gap vs head": verdict(best, hd),
+            "BN thresholds + head": acc(bn), "gap vs BN": verdict(best, bn),
         })
         if best is None:
             lines.append(f"- **{t}**: no adapter configuration reached <= {max_ratio:.0%} of the base's memory.")
@@ -78,7 +80,9 @@ def accuracy_section(inputs: Inputs, max_ratio: float) -> tuple[str, pd.DataFram
                 f"{pct(best.memory_ratio)} of the base, chosen on val) reaches {acc(best)} test accuracy: "
                 f"{verdict(best, fb)} vs binary full finetune ({acc(fb)}), "
                 f"{verdict(best, ff)} vs fp32 full finetune ({acc(ff)}), "
-                f"{verdict(best, hd)} vs head only ({acc(hd)})."
+                f"{verdict(best, hd)} vs head only ({acc(hd)})"
+                + ("." if bn is None else f", {verdict(best, bn)} vs BN thresholds + head ({acc(bn)}, "
+                                          f"{pct(bn.memory_ratio)} of the base).")
             )
     return "\n".join(lines), pd.DataFrame(rows)
 
@@ -88,7 +92,7 @@ def time_section(inputs: Inputs) -> tuple[str, pd.DataFrame]:
     rows, lines = [], []
     for t in inputs.targets:
         full = baseline(cfg, t, "full")
-        for m in ("head",) + ADAPTERS:
+        for m in ("head", "bn") + ADAPTERS:
             r, row = time_ratios(inputs, t, m), baseline(cfg, t, m)
             if r is None:
                 continue
@@ -107,38 +111,46 @@ def time_section(inputs: Inputs) -> tuple[str, pd.DataFrame]:
     return "\n".join(lines), pd.DataFrame(rows)
 
 
+def breakdown_text(r: pd.Series) -> str:
+    """`weights 0.41, scales 0.12, BN 0.50, head 0.65, masks 0.00 KiB` (means over seeds)."""
+    parts = [f"{b[4:-6].replace('bn', 'BN')} {r[b] / 1024:.2f}" for b in BREAKDOWN if b in r and not pd.isna(r[b])]
+    return ", ".join(parts) + " KiB" if parts else "n/a"
+
+
 def size_section(inputs: Inputs, band: tuple[float, float]) -> tuple[str, pd.DataFrame]:
     cfg = per_config(inputs.results)
     rows, lines = [], []
     for t in inputs.targets:
         full = baseline(cfg, t, "full")
         hits = {k: smallest_within(inputs, t, k) for k in (1, 3)}
-        r = {k: (v.memory_ratio if v is not None else None) for k, v in hits.items()}
-        rows.append({"target": t, "binary full (val)": ci_pct(full.val_acc, full.val_acc_ci) if full is not None else "n/a",
-                     "smallest within 1 pt": pct(r[1], 2), "its test acc (1 pt)": ci_pct(hits[1].test_acc, hits[1].test_acc_ci) if hits[1] is not None else "n/a",
-                     "within 1 pt vs band": band_position(r[1], *band),
-                     "smallest within 3 pts": pct(r[3], 2), "its test acc (3 pts)": ci_pct(hits[3].test_acc, hits[3].test_acc_ci) if hits[3] is not None else "n/a",
-                     "within 3 pts vs band": band_position(r[3], *band)})
+        top = most_accurate(inputs, t)
+        row = {"target": t, "binary full (val)": ci_pct(full.val_acc, full.val_acc_ci) if full is not None else "n/a"}
+        for k, h in hits.items():
+            row[f"smallest within {k} pt (on val)"] = "none" if h is None else f"{h.config} ({h.source})"
+            row[f"memory ({k} pt)"] = pct(h.memory_ratio, 2) if h is not None else "n/a"
+            row[f"test acc ({k} pt)"] = ci_pct(h.test_acc, h.test_acc_ci) if h is not None else "n/a"
+            row[f"breakdown ({k} pt)"] = breakdown_text(h) if h is not None else "n/a"
+        rows.append(row)
         if full is None:
             lines.append(f"- **{t}**: binary full finetune was not run (transfer.baselines), so there is no reference accuracy.")
             continue
         if t not in inputs.pareto:
-            lines.append(f"- **{t}**: no sweep results (run `dvc repro sweep@{t}`); only the transfer stage's adapters count.")
+            lines.append(f"- **{t}**: no sweep results (run `dvc repro sweep@{t}`); only the transfer stages' task states count.")
         for k in (1, 3):
             h = hits[k]
             unit = f"{k} point{'s' if k > 1 else ''}"
             if h is None:
-                top = most_accurate(inputs, t)
                 named = "" if top is None else (
-                    f" The most accurate adapter tried is {top.method} ({top.source}, {pct(top.memory_ratio, 2)} of the "
-                    f"base): val {ci_pct(top.val_acc, top.val_acc_ci)}, {pts(top.val_acc, full.val_acc)} vs full; "
-                    f"test {ci_pct(top.test_acc, top.test_acc_ci)}.")
-                lines.append(f"- **{t}**: no adapter is within {unit} of binary full finetune on val "
+                    f" The most accurate task state tried is {top.config} ({top.source}, {pct(top.memory_ratio, 2)} of the "
+                    f"base; {breakdown_text(top)}): val {ci_pct(top.val_acc, top.val_acc_ci)}, "
+                    f"{pts(top.val_acc, full.val_acc)} vs full; test {ci_pct(top.test_acc, top.test_acc_ci)}, "
+                    f"{verdict(top, full)} vs full's {ci_pct(full.test_acc, full.test_acc_ci)}.")
+                lines.append(f"- **{t}**: no task state is within {unit} of binary full finetune on val "
                              f"({ci_pct(full.val_acc, full.val_acc_ci)}).{named}")
             else:
-                lines.append(f"- **{t}**: the smallest task memory within {unit} of binary full finetune (on val: "
+                lines.append(f"- **{t}**: the smallest task state within {unit} of binary full finetune (on val: "
                              f"{ci_pct(h.val_acc, h.val_acc_ci)} vs {ci_pct(full.val_acc, full.val_acc_ci)}) is "
-                             f"{pct(h.memory_ratio, 2)} of the base ({h.method}, {h.source}): test "
+                             f"{pct(h.memory_ratio, 2)} of the base: {h.config} ({h.source}, {breakdown_text(h)}). Test "
                              f"{ci_pct(h.test_acc, h.test_acc_ci)} vs {ci_pct(full.test_acc, full.test_acc_ci)} for full "
                              f"finetune ({verdict(h, full)}); {band_position(h.memory_ratio, *band)}.")
     return "\n".join(lines), pd.DataFrame(rows)
@@ -150,13 +162,13 @@ def runs_table(inputs: Inputs) -> pd.DataFrame:
           for v, g in zip(cfg.get("lr", [float("nan")] * len(cfg)), cfg.get("lr_grid", [None] * len(cfg)))]
     return pd.DataFrame({
         "target": cfg.target, "method": cfg.method, "precision": cfg.precision,
-        "adapter": [f"g{g} r{r} {p} {b}-bit" if m in ADAPTERS else "" for m, g, r, p, b in
-                    zip(cfg.method, cfg.groups, cfg.reduction, cfg.placement, cfg.adapter_bits)],
+        "task state": [describe(r) if r.method != "full" else "" for _, r in cfg.iterrows()],
         "head bits": cfg.head_bits,
         "seeds": cfg.seeds,
         "val acc": [ci_pct(m, h) for m, h in zip(cfg.val_acc, cfg.val_acc_ci)],
         "test acc": [ci_pct(m, h) for m, h in zip(cfg.test_acc, cfg.test_acc_ci)],
         "task memory": [f"{b / 1024:.2f} KiB ({100 * r:.1f}%)" for b, r in zip(cfg.task_memory_bytes, cfg.memory_ratio)],
+        "of which": [breakdown_text(r) if r.method != "full" else "" for _, r in cfg.iterrows()],
         "train s": [ci_num(m, h) for m, h in zip(cfg.train_time_s, cfg.train_time_s_ci)],
         "epochs run": [f"{e:.1f}" for e in cfg.epochs_run],
         "lr (chosen on val)": lr,
@@ -185,17 +197,18 @@ def protocol_lines(inputs: Inputs) -> list[str]:
     lines = [f"- Seeds: {', '.join(map(str, seeds))}; every number is the mean over seeds ± the 95% Student t "
              f"half-width in points. Intervals that overlap are called not distinguishable."]
     if grids:
-        lines.append(f"- Every arm (full binary, full fp32, head, serial, parallel): lr chosen on val from "
+        lines.append(f"- Every arm (full binary, full fp32, head, BN thresholds, serial, parallel): lr chosen on val from "
                      f"{{{'; '.join(grids)}}} with the first of the seeds, the other seeds repeat it; "
                      f"up to the cap, early stopping on val accuracy, best-val weights restored.")
     heads = sorted(set(r[r.method != "full"].head_bits)) if "head_bits" in r else []
     if heads:
-        lines.append(f"- Every new head (head, serial, parallel) is stored at {', '.join(f'{h}-bit' for h in heads)} "
+        lines.append(f"- Every new head (head, BN thresholds, serial, parallel) is stored at {', '.join(f'{h}-bit' for h in heads)} "
                      f"weights (bias float32); full finetuning keeps its float head in its whole copy.")
     for t, p in sorted(inputs.pareto.items()):
         m = inputs.metrics.get(f"sweep_{t}", {})
-        lines.append(f"- Sweep on {t}: {m.get('complete')} trials (own lr dimension, single seed, val only); its "
-                     f"{len(p)} Pareto points retrained on every seed at the arms' budget.")
+        lines.append(f"- Sweep on {t}: {m.get('complete')} trials (own lr dimension, single seed, val only; the "
+                     f"smallest and largest configuration of each adapter type first); its {len(p)} Pareto points "
+                     f"retrained on every seed at the arms' budget.")
     cfg = per_config(r)
     if "lr_grid" in cfg:
         edge = [f"{c.target}/{c.method}" + ("" if c.precision == "binary" else f" ({c.precision})")
@@ -228,8 +241,9 @@ def render(inputs: Inputs, figures: list[tuple[str, str]], band: tuple[float, fl
         "Written by `pipeline report` from `reports/results.csv`, `reports/metrics/*.json` and "
         "`reports/sweep/*/*.csv` only. Val chooses (lr, best adapter, smallest within k points, Pareto set); test "
         "only reports what val chose. Accuracies are fractions shown as %; memory follows the one "
-        "accounting rule (binary weights 1 bit, floats 32, BN 2 x 32 bits per channel, k-bit weights k bits + "
-        f"a scale, pruned tensors non-zeros + mask or indices), as % of the binary base ({inputs.base_bytes / 1024:.2f} KiB).",
+        "accounting rule (binary weights 1 bit, floats 32, BN 2 values per channel, k-bit weights k bits "
+        "(ternary 2) + a scale per output channel, the task state's per-channel floats at its `bn_bits`, pruned "
+        f"tensors non-zeros + mask or indices), as % of the binary base ({inputs.base_bytes / 1024:.2f} KiB).",
         "",
         "## Protocol", "", *protocol_lines(inputs), "",
         f"## 1. Accuracy: the best adapter at <= {max_ratio:.0%} task memory vs standard transfer learning",

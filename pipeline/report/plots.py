@@ -17,6 +17,7 @@ STYLE = {  # (method, precision) -> marker, colour, label
     ("full", "binary"): ("s", "tab:blue", "full finetune (binary)"),
     ("full", "fp32"): ("D", "tab:purple", "full finetune (fp32)"),
     ("head", "binary"): ("v", "tab:gray", "head only"),
+    ("bn", "binary"): ("P", "tab:brown", "BN thresholds + head"),
     ("serial", "binary"): ("o", "tab:green", "serial adapter"),
     ("parallel", "binary"): ("^", "tab:orange", "parallel adapter"),
 }
@@ -122,7 +123,7 @@ def storage_for_tasks(inputs: Inputs, n_max: int, out: Path, dpi: int) -> Path:
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     ax.plot(n, n * inputs.base_bytes / kib, "s-", color="tab:blue", label="N full copies (binary)")
     ax.plot(n, n * inputs.fp32_bytes / kib, "D-", color="tab:purple", label="N full copies (fp32)")
-    for method in ("head",) + ADAPTERS:
+    for method in ("head", "bn") + ADAPTERS:
         rows = cfg[(cfg.method == method) & (cfg.precision == "binary")]
         if len(rows):
             task = rows.task_memory_bytes.mean()
@@ -137,4 +138,26 @@ def storage_for_tasks(inputs: Inputs, n_max: int, out: Path, dpi: int) -> Path:
     ax.set_xticks(n)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7.5)
+    return _save(fig, out, dpi)
+
+
+def sweep_front(trials, pareto, target: str, out: Path, dpi: int = 110) -> Path:
+    """One sweep's trials (val, single seed) and its Pareto set retrained on every seed (val and
+    test, 95% intervals): the figure on the sweep's MLflow parent run."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    done = trials[trials.state == "COMPLETE"] if len(trials) else trials
+    if len(done):
+        ax.scatter(100 * done.memory_ratio, done.val_acc, s=16, color="black", alpha=0.3, label="trials (val, one seed)")
+    if len(pareto):
+        p = pareto.sort_values("memory_pct")
+        for split, colour in (("val", "tab:green"), ("test", "tab:red")):
+            ax.errorbar(p.memory_pct, p[f"{split}_acc"], yerr=_bars(p[f"{split}_acc_ci"]), fmt=".-", color=colour,
+                        capsize=3, label=f"Pareto set, {split} (retrained, every seed)")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}%"))
+    ax.set_xlabel("task-specific memory (% of the binary base, log scale)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"Sweep on '{target}': accuracy vs task memory")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
     return _save(fig, out, dpi)

@@ -17,6 +17,8 @@ from pipeline.config import BASE_DIR, METRICS_DIR, PREPARED, Params
 from pipeline.errors import UserError
 from pipeline.io import write_json
 from pipeline.nn.checkpoint import sha256
+from pipeline.nn.memory import BREAKDOWN_COLUMNS
+from pipeline.report.plots import sweep_front
 from pipeline.stats import mean_ci
 from pipeline.train.datamodule import PreparedData
 from pipeline.train.parallel import map_runs
@@ -132,7 +134,8 @@ def summarise(params: Params, study, target: str, name: str, folder: Path, paren
     c = client(params)
     for key in ("complete", "failed", "pareto_size", "hypervolume", "hypervolume_test"):
         c.log_metric(parent, key, float(metrics[key]))
-    for f in ("trials.csv", "pareto.csv", "pareto_runs.csv"):
+    sweep_front(trials, pareto, target, folder / "pareto.png", params.report.dpi)
+    for f in ("trials.csv", "pareto.csv", "pareto_runs.csv", "pareto.png"):
         c.log_artifact(parent, str(folder / f))
     print(f"sweep {target} ({name}): {metrics['complete']} complete, {metrics['failed']} failed, "
           f"Pareto set {len(pareto)} retrained on {len(params.seeds)} seeds, hypervolume (val) {hv['val']:.4f}")
@@ -173,7 +176,8 @@ def pareto_points(study, runs: pd.DataFrame) -> pd.DataFrame:
     for t in sorted(study.best_trials, key=lambda t: (t.values[1], t.number)):
         r = runs[runs.number == t.number]
         row = {"number": t.number, **t.params, "trial_val_acc": t.values[0], "seeds": len(r)}
-        for key in ("val_acc", "test_acc", "task_memory_bytes", "memory_ratio", "train_time_s", "epochs_run"):
+        for key in ("val_acc", "test_acc", "task_memory_bytes", "memory_ratio", "train_time_s", "epochs_run",
+                    *BREAKDOWN_COLUMNS):
             row[key], row[f"{key}_ci"] = mean_ci(r[key])
         row["memory_pct"] = 100 * row["memory_ratio"]
         row["hit_cap_improving"] = int(r.hit_cap_improving.sum())

@@ -13,6 +13,7 @@ import torch
 from pipeline.config import Optim, Params
 from pipeline.train.datamodule import PreparedData
 from pipeline.train.module import Classifier
+from pipeline.train.tracking import log_dataset
 from pipeline.train.trainer import Run, make_trainer
 
 
@@ -107,6 +108,8 @@ def fit_and_evaluate(params: Params, net: torch.nn.Module, data: PreparedData, o
         for stale in resume.get("stale", []):  # only now: a bad trainer setting must not cost the checkpoints
             stale.unlink(missing_ok=True)
         run.logger.log_hyperparams(flat_params)
+        if run.trainer.is_global_zero:
+            log_dataset(params, run.logger.run_id, data.folder, data.manifest)
         if ckpt_dir is not None and run.trainer.is_global_zero:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             (ckpt_dir / "resume.json").write_text(json.dumps({"fingerprint": resume["fingerprint"], "run_id": run.logger.run_id}))

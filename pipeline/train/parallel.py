@@ -21,6 +21,13 @@ def set_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
+def _start(threads: int) -> None:
+    from pipeline.console import quiet
+
+    quiet()  # logging filters do not cross a spawn
+    set_threads(threads)
+
+
 def _call(job: tuple[Callable, dict]) -> Any:
     fn, kwargs = job
     return fn(**kwargs)
@@ -31,6 +38,6 @@ def map_runs(fn: Callable, jobs: list[dict], procs: int) -> list:
     `fn` must be importable (a module-level function); an exception in a job is raised here."""
     if procs <= 1 or len(jobs) <= 1:
         return [fn(**job) for job in jobs]
-    with ProcessPoolExecutor(min(procs, len(jobs)), mp_context=mp.get_context("spawn"), initializer=set_threads,
+    with ProcessPoolExecutor(min(procs, len(jobs)), mp_context=mp.get_context("spawn"), initializer=_start,
                              initargs=(threads_each(procs),)) as pool:
         return list(pool.map(_call, [(fn, job) for job in jobs]))

@@ -35,13 +35,15 @@ PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attr: the sweep's MLflow 
 
 def study_name(params: Params, target: str, base_sha256: str, data_sha256: dict) -> str:
     """Everything that shapes a trial -> the name, so a rerun with the same settings resumes and
-    any change (search space, budget, optimiser, pruning, head, seeds, hardware arithmetic, the
-    target's splits, the base) starts a new study instead of re-scoring an old one."""
+    any change (search space, anchors, budget, optimiser, pruning, head, per-channel float width,
+    scales, seeds, hardware arithmetic, the target's splits, the base) starts a new study instead of re-scoring an old one."""
     s, t = params.sweep, params.trainer
     key = {"space": asdict(s.space), "target": target, "base": base_sha256, "data": data_sha256,
            "max_epochs": s.max_epochs, "sampler": s.sampler, "seed": s.seed, "seeds": params.seeds,
+           "n_startup_trials": s.n_startup_trials, "anchors": s.anchors,
            "optim": asdict(params.transfer.optim), "head_bits": params.transfer.head_bits,
-           "prune": asdict(params.adapter.prune),
+           "prune": asdict(params.adapter.prune), "bn_bits": params.adapter.bn_bits,
+           "learn_scale": params.adapter.learn_scale,
            "trainer": {k: getattr(t, k) for k in ("accelerator", "precision", "deterministic")}}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return f"{target}-{digest}"
@@ -89,7 +91,29 @@ def make_sampler(params: Params, worker: int, existing: int = 0) -> optuna.sampl
     seed = params.sweep.seed + 1000 * worker + existing
     if params.sweep.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, constant_liar=True)
+    return optuna.samplers.TPESampler(seed=seed, constant_liar=True, n_startup_trials=params.sweep.n_startup_trials)
+
+
+def _placement_size(p: str) -> float:
+    return float("inf") if p == "all" else int(p[5:]) if p.startswith("last:") else len(p.split(","))
+
+
+def anchors(params: Params) -> list[dict[str, Any]]:
+    """The smallest and the largest configuration of each adapter type in the space (every knob at
+    its cheapest or dearest end), so the front's two ends are measured, not left to chance."""
+    from pipeline.nn.binary import storage_bits
+
+    sp = params.sweep.space
+    lr = sp.lr.low * (sp.lr.high / sp.lr.low) ** 0.5 if sp.lr.log else (sp.lr.low + sp.lr.high) / 2
+    ends = {
+        "groups": (max(sp.groups), min(sp.groups)),
+        "reduction": (max(sp.reduction), min(sp.reduction)),
+        "placement": (min(sp.placement, key=_placement_size), max(sp.placement, key=_placement_size)),
+        "bits": (min(sp.bits, key=storage_bits), max(sp.bits, key=storage_bits)),
+        "prune_amount": (max(sp.prune_amount), min(sp.prune_amount)),
+        "task_bn": (min(sp.task_bn), max(sp.task_bn)),
+    }
+    return [{"method": m, **{k: v[end] for k, v in ends.items()}, "lr": lr} for m in sp.method for end in (0, 1)]
 
 
 def suggest(trial: optuna.trial.BaseTrial, params: Params) -> tuple[str, Adapter, float]:
@@ -101,6 +125,7 @@ def suggest(trial: optuna.trial.BaseTrial, params: Params) -> tuple[str, Adapter
         placement=trial.suggest_categorical("placement", sp.placement),
         task_bn=trial.suggest_categorical("task_bn", sp.task_bn),
         bits=trial.suggest_categorical("bits", sp.bits),
+        bn_bits=params.adapter.bn_bits, learn_scale=params.adapter.learn_scale,
         prune=replace(params.adapter.prune, amount=trial.suggest_categorical("prune_amount", sp.prune_amount)),
     )
     lr = trial.suggest_float("lr", sp.lr.low, sp.lr.high, log=sp.lr.log)
@@ -269,9 +294,9 @@ def run_worker(params: Params, target: str, name: str, storage_url: Optional[str
 def _spawned_worker(params, target, name, storage_url, folder, worker, parent_run_id) -> None:
     import sys
 
-    from pipeline.train.parallel import set_threads, threads_each
+    from pipeline.train.parallel import _start, threads_each
 
-    set_threads(threads_each(params.sweep.workers))  # workers share the cores instead of oversubscribing them
+    _start(threads_each(params.sweep.workers))  # workers share the cores instead of oversubscribing them
     try:
         run_worker(params, target, name, storage_url, folder, worker, parent_run_id)
     except (UserError, EnvironmentFailure) as exc:
@@ -317,6 +342,8 @@ def create_study(params: Params, target: str, name: str, storage_url: Optional[s
     if created:
         study.set_user_attr("target", target)
         study.set_user_attr("space", json.loads(json.dumps(asdict(params.sweep.space))))
+        for config in anchors(params) if params.sweep.anchors else []:
+            study.enqueue_trial(config, user_attrs={"anchor": True}, skip_if_exists=True)
     return study, created
 
 
@@ -330,6 +357,7 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
         for key in ("memory_ratio", "adapter_memory_bytes", "sparsity", "train_time_s", "epochs_run",
                     "hit_cap_improving", "fail_reason", "adapter"):
             row[key] = t.user_attrs.get(key)
+        row["anchor"] = bool(t.user_attrs.get("anchor", False))
         row["duration_s"] = t.duration.total_seconds() if t.duration else None
         rows.append(row)
     return rows

@@ -43,15 +43,37 @@ def client(params: Params):
     return MlflowClient(tracking_uri(params))
 
 
+# The UI opens an experiment by its kind; untagged ones with few runs are guessed to be GenAI.
+KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(params: Params) -> str:
     c = client(params)
     exp = c.get_experiment_by_name(params.tracking.experiment)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return c.create_experiment(params.tracking.experiment, artifact_location=artifact_location(params))
-    except Exception:  # another worker created it first
-        return c.get_experiment_by_name(params.tracking.experiment).experiment_id
+    if exp is None:
+        try:
+            return c.create_experiment(params.tracking.experiment, artifact_location=artifact_location(params), tags=KIND)
+        except Exception:  # another worker created it first
+            exp = c.get_experiment_by_name(params.tracking.experiment)
+    if exp.tags.get("mlflow.experimentKind") != KIND["mlflow.experimentKind"]:  # made by Lightning or older code
+        c.set_experiment_tag(exp.experiment_id, *next(iter(KIND.items())))
+    return exp.experiment_id
+
+
+def log_dataset(params: Params, run_id: str, folder: Path, manifest: dict) -> None:
+    """The prepared dataset as the run's MLflow dataset input (the runs table's Dataset column):
+    its name, a digest of the split sha256s in its manifest, its folder, and the split sizes."""
+    import hashlib
+    import json
+
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    sizes = {split: sum(counts.values()) for split, counts in manifest["counts"].items()}
+    digest = hashlib.sha256(json.dumps(manifest["sha256"], sort_keys=True).encode()).hexdigest()[:16]
+    dataset = Dataset(name=manifest["name"], digest=digest, source_type="local",
+                      source=json.dumps({"uri": str(Path(folder).resolve())}),
+                      profile=json.dumps({"num_classes": manifest["num_classes"], **{f"{k}_images": v for k, v in sizes.items()}}))
+    client(params).log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
 
 
 def start_child_run(params: Params, parent_run_id: str, run_name: str, tags: dict[str, str]) -> str:
@@ -90,8 +112,10 @@ def transfer_keys(target: str, method: str, precision: str, adapter: Any, seed: 
         "reduction": adapter.reduction if is_adapter else 0,
         "placement": placement if is_adapter else "none",
         "adapter_bits": adapter.bits if is_adapter else 0,
+        "learn_scale": bool(adapter.learn_scale) if is_adapter else False,
         "head_bits": head_bits,
         "prune_amount": adapter.prune.amount if is_adapter else 0.0,
-        "task_bn": bool(adapter.task_bn) if is_adapter else method == "full",
+        "task_bn": bool(adapter.task_bn) if is_adapter else method in ("full", "bn"),
+        "bn_bits": adapter.bn_bits if is_adapter or method == "bn" else 32,
         "seed": seed,
     }

@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import MLFlowLogger
 
 from pipeline.config import Optim, Params
 from pipeline.errors import UserError
-from pipeline.train.tracking import artifact_location, start_child_run, tracking_uri
+from pipeline.train.tracking import artifact_location, experiment_id, start_child_run, tracking_uri
 
 
 @dataclass
@@ -173,6 +173,7 @@ def make_trainer(params: Params, *, run_name: str, tags: dict[str, str], optim: 
     """`epochs` overrides optim.max_epochs (pruned runs add their rounds); `gate` holds early
     stopping and best-val selection back until it returns True."""
     t = params.trainer
+    experiment_id(params)  # created (or tagged) here with its kind, not by the logger without one
     logger = MLFlowLogger(
         experiment_name=params.tracking.experiment,
         run_name=run_name,

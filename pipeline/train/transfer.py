@@ -14,7 +14,7 @@ from pipeline.nn.adapter_io import save_adapter
 from pipeline.nn.adapters import AdapterSpec, TransferNet
 from pipeline.nn.checkpoint import load_base, sha256
 from pipeline.nn.export import export_packed
-from pipeline.nn.memory import memory_report
+from pipeline.nn.memory import breakdown, memory_report, storage_plan
 from pipeline.nn.pruning import sparsity
 from pipeline.train.datamodule import PreparedData
 from pipeline.train.evaluate import accuracy
@@ -46,8 +46,10 @@ def build_net(params: Params, target: str, method: str, precision: str, seed: in
     seconds that feature pass took (part of the method's training time)."""
     base = load_base(BASE_DIR / precision / "model.pt")
     a, hb = adapter, head_bits(params, method)
-    spec = AdapterSpec(method, a.groups, a.reduction, a.placement, a.task_bn, a.bits, hb) \
-        if method in ("serial", "parallel") else AdapterSpec(method, head_bits=hb)
+    if method in ("serial", "parallel"):
+        spec = AdapterSpec(method, a.groups, a.reduction, a.placement, a.task_bn, a.bits, hb, a.bn_bits, a.learn_scale)
+    else:
+        spec = AdapterSpec(method, head_bits=hb, bn_bits=a.bn_bits if method == "bn" else 32)
     data = PreparedData(PREPARED / target, batch_size, params.trainer.num_workers, seed)
     net = TransferNet(base, spec, data.num_classes)
     k = net.frozen_prefix()
@@ -97,6 +99,7 @@ def train_transfer(params: Params, *, target: str, method: str, precision: str, 
     net.start = 0
     net.finalize()
     net.eval()
+    task_plan = storage_plan(net, include=net.is_task_module)
     task = memory_report(net, include=net.is_task_module)
     adapter_mem = memory_report(net, include=lambda n, m: ".adapter" in n)
     base_bytes = base_bytes or base_memory_bytes()
@@ -109,6 +112,7 @@ def train_transfer(params: Params, *, target: str, method: str, precision: str, 
         "adapter_memory_bytes": adapter_mem.bytes,
         "base_memory_bytes": base_bytes,
         "memory_ratio": task.bytes / base_bytes,
+        **{f"mem_{k}_bytes": v for k, v in breakdown(task_plan).items()},  # BREAKDOWN_COLUMNS
         **result.timing_metrics(prefix_s),
         "trainable_params": sum(p.numel() for p in net.parameters() if p.requires_grad),
         "lr": optim.lr,
