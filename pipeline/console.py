@@ -24,9 +24,11 @@ HARMLESS = [
 class _PerRunNoise(logging.Filter):
     """Lightning's info lines printed at every Trainer (dozens per stage): the hardware summary,
     which params.yaml's trainer section already states; why fit ended, which the run's own line
-    (epochs run, stopped early) states; and an advert for a cloud logger."""
+    (epochs run, stopped early) states; checkpoint restores, which the pipeline's own "resuming"
+    line names; and an advert for a cloud logger."""
 
-    PREFIXES = ("GPU available", "TPU available", "HPU available", "LOCAL_RANK", "`Trainer.fit` stopped")
+    PREFIXES = ("GPU available", "TPU available", "HPU available", "LOCAL_RANK", "`Trainer.fit` stopped",
+                "Restoring states from the checkpoint", "Restored all states from the checkpoint")
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()

@@ -102,13 +102,17 @@ def baseline(cfg: pd.DataFrame, target: str, method: str, precision: str = "bina
 
 
 def describe(r) -> str:
-    """A configuration in a few words: `parallel g4 r1 all 1-bit, BN 16-bit, pruned 0.5`."""
+    """A configuration in a few words: `parallel g4 r1 all 1-bit LSQ BN 16-bit +task BN pruned 0.5`
+    (BN at its default 32 bits is not named for adapters)."""
+    bn = int(r["bn_bits"]) if "bn_bits" in r and not pd.isna(r["bn_bits"]) else None
     if r.method not in ADAPTERS:
-        return {"bn": f"BN thresholds + head, BN {r.get('bn_bits', 32)}-bit", "head": "head only"}.get(r.method, r.method)
-    g = r.get("groups", "?")
-    text = f"{r.method} g{g} r{r.get('reduction', 1)} {r.get('placement', '?')} {r.get('adapter_bits', r.get('bits', '?'))}-bit"
-    if bool(r.get("task_bn", False)):
-        text += " +task BN"
+        return {"bn": f"BN thresholds + head, BN {bn or 32}-bit", "head": "head only"}.get(r.method, r.method)
+    bits = str(r.get("adapter_bits", r.get("bits", "?")))
+    text = f"{r.method} g{r.get('groups', '?')} r{r.get('reduction', 1)} {r.get('placement', '?')} " \
+           f"{bits if bits == 'ternary' else bits + '-bit'}"
+    text += " LSQ" if str(r.get("learn_scale", False)) == "True" else ""
+    text += f" BN {bn}-bit" if bn and bn != 32 else ""
+    text += " +task BN" if str(r.get("task_bn", False)) == "True" else ""
     if float(r.get("prune_amount", 0) or 0) > 0:
         text += f" pruned {float(r.prune_amount):g}"
     return text

@@ -140,24 +140,3 @@ def storage_for_tasks(inputs: Inputs, n_max: int, out: Path, dpi: int) -> Path:
     ax.legend(fontsize=7.5)
     return _save(fig, out, dpi)
 
-
-def sweep_front(trials, pareto, target: str, out: Path, dpi: int = 110) -> Path:
-    """One sweep's trials (val, single seed) and its Pareto set retrained on every seed (val and
-    test, 95% intervals): the figure on the sweep's MLflow parent run."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    done = trials[trials.state == "COMPLETE"] if len(trials) else trials
-    if len(done):
-        ax.scatter(100 * done.memory_ratio, done.val_acc, s=16, color="black", alpha=0.3, label="trials (val, one seed)")
-    if len(pareto):
-        p = pareto.sort_values("memory_pct")
-        for split, colour in (("val", "tab:green"), ("test", "tab:red")):
-            ax.errorbar(p.memory_pct, p[f"{split}_acc"], yerr=_bars(p[f"{split}_acc_ci"]), fmt=".-", color=colour,
-                        capsize=3, label=f"Pareto set, {split} (retrained, every seed)")
-    ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}%"))
-    ax.set_xlabel("task-specific memory (% of the binary base, log scale)")
-    ax.set_ylabel("accuracy")
-    ax.set_title(f"Sweep on '{target}': accuracy vs task memory")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    return _save(fig, out, dpi)

@@ -18,7 +18,6 @@ from pipeline.errors import UserError
 from pipeline.io import write_json
 from pipeline.nn.checkpoint import sha256
 from pipeline.nn.memory import BREAKDOWN_COLUMNS
-from pipeline.report.plots import sweep_front
 from pipeline.stats import mean_ci
 from pipeline.train.datamodule import PreparedData
 from pipeline.train.parallel import map_runs
@@ -134,7 +133,7 @@ def summarise(params: Params, study, target: str, name: str, folder: Path, paren
     c = client(params)
     for key in ("complete", "failed", "pareto_size", "hypervolume", "hypervolume_test"):
         c.log_metric(parent, key, float(metrics[key]))
-    sweep_front(trials, pareto, target, folder / "pareto.png", params.report.dpi)
+    sweep_front(trials, pareto, target, folder / "pareto.png")
     for f in ("trials.csv", "pareto.csv", "pareto_runs.csv", "pareto.png"):
         c.log_artifact(parent, str(folder / f))
     print(f"sweep {target} ({name}): {metrics['complete']} complete, {metrics['failed']} failed, "
@@ -184,3 +183,34 @@ def pareto_points(study, runs: pd.DataFrame) -> pd.DataFrame:
         rows.append(row)
     return pd.DataFrame(rows, columns=None if rows else ["number", "method", "val_acc", "val_acc_ci", "test_acc",
                                                          "test_acc_ci", "task_memory_bytes", "memory_ratio", "memory_pct"])
+
+
+def sweep_front(trials: pd.DataFrame, pareto: pd.DataFrame, target: str, out: Path) -> Path:
+    """One sweep's trials (val, single seed) and its Pareto set retrained on every seed (val and
+    test, 95% intervals): the figure on the sweep's MLflow parent run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    done = trials[trials.state == "COMPLETE"] if len(trials) else trials
+    if len(done):
+        ax.scatter(100 * done.memory_ratio, done.val_acc, s=16, color="black", alpha=0.3, label="trials (val, one seed)")
+    if len(pareto):
+        p = pareto.sort_values("memory_pct")
+        for split, colour in (("val", "tab:green"), ("test", "tab:red")):
+            ax.errorbar(p.memory_pct, p[f"{split}_acc"], yerr=p[f"{split}_acc_ci"].fillna(0), fmt=".-", color=colour,
+                        capsize=3, label=f"Pareto set, {split} (retrained, every seed)")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}%"))
+    ax.set_xlabel("task-specific memory (% of the binary base, log scale)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"Sweep on '{target}': accuracy vs task memory")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

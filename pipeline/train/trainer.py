@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,6 +152,29 @@ class GatedCheckpoint(_Gated, ModelCheckpoint):
         return super()._should_skip_saving_checkpoint(trainer) or self._closed()
 
 
+class EpochBar(TQDMProgressBar):
+    """One bar per run on a terminal; validation (a few batches) gets none."""
+
+    def init_validation_tqdm(self):
+        bar = super().init_validation_tqdm()
+        bar.disable = True
+        return bar
+
+
+class EpochLines(Callback):
+    """One line per epoch where output is a log, not a terminal (redrawn bars would fill it)."""
+
+    def __init__(self, run_name: str):
+        self.run_name = run_name
+
+    def on_train_epoch_end(self, trainer, pl_module):  # validation has run by now
+        if not trainer.is_global_zero:
+            return
+        m = {k: float(v) for k, v in sorted(trainer.callback_metrics.items()) if k in ("train_loss", "val_acc")}
+        print(f"{self.run_name} epoch {trainer.current_epoch + 1}/{trainer.max_epochs}: "
+              + " ".join(f"{k} {v:.4f}" for k, v in m.items()), flush=True)
+
+
 @dataclass
 class Run:
     trainer: L.Trainer
@@ -196,8 +220,9 @@ def make_trainer(params: Params, *, run_name: str, tags: dict[str, str], optim: 
         last = ModelCheckpoint(dirpath=ckpt_dir, filename="last", monitor=None, save_top_k=1,
                                enable_version_counter=False)
         cbs += [ckpt, last]
+    bar = t.progress_bar and sys.stdout.isatty()
     if t.progress_bar:
-        cbs.append(TQDMProgressBar(refresh_rate=10))
+        cbs.append(EpochBar(refresh_rate=10) if bar else EpochLines(run_name))
     try:
         trainer = L.Trainer(
             max_epochs=epochs or optim.max_epochs,
@@ -209,7 +234,7 @@ def make_trainer(params: Params, *, run_name: str, tags: dict[str, str], optim: 
             logger=logger,
             callbacks=cbs,
             enable_checkpointing=ckpt is not None,
-            enable_progress_bar=t.progress_bar,
+            enable_progress_bar=bar,
             enable_model_summary=False,
             num_sanity_val_steps=0,
             log_every_n_steps=1,
