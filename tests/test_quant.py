@@ -494,22 +494,7 @@ def test_bn_method_finalize_fuses_bn_in_float16(vgg_base):
 # ---------------------------------------------------------------------------------- packed export
 
 
-def _randomise(net: TransferNet, seed: int) -> None:
-    """Random task weights, head and task BN (BN_a's gamma included, so the adapters act)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, m in net.named_modules():
-            if not net.is_task_module(name, m):
-                continue
-            if isinstance(m, (AdapterConv, QuantLinear)):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.5)
-                if m.bias is not None:
-                    m.bias.copy_(torch.randn(m.bias.shape, generator=g))
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.3)
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+from test_adapters import _randomise  # noqa: E402  random task weights, head and task BN
 
 
 # name: (spec, prune amount, encodings the packed task state must contain)
