@@ -514,3 +514,28 @@ def test_mlflow_parent_and_child_runs(project, resumed):
         assert r.data.metrics["task_memory_bytes"] == t.values[1]
     # every child of this parent belongs to this study
     assert all(r.data.tags.get("study") == name for r in children)
+
+
+def test_anchors_are_each_adapter_types_ends_and_run_first(tmp_path):
+    """The default space's corners, by hand: smallest = most groups (32), most reduction (2), fewest
+    blocks (last:1), fewest bits (1), most pruning (0.9), no task BN; largest = the opposite ends
+    (groups 1, reduction 1, all blocks, 32-bit, no pruning, task BN); lr the log-midpoint of
+    0.003-0.03 (sqrt(0.003 * 0.03) = 0.0094868). A new study holds them as its first trials."""
+    from pipeline.config import parse_params
+    from pipeline.train.sweep import anchors, create_study
+
+    params = parse_params(yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text()))
+    got = anchors(params)
+    small = {"groups": 32, "reduction": 2, "placement": "last:1", "bits": 1, "prune_amount": 0.9, "task_bn": False}
+    large = {"groups": 1, "reduction": 1, "placement": "all", "bits": 32, "prune_amount": 0.0, "task_bn": True}
+    assert [{k: v for k, v in a.items() if k != "lr"} for a in got] == \
+        [{"method": "serial", **small}, {"method": "serial", **large},
+         {"method": "parallel", **small}, {"method": "parallel", **large}]
+    assert all(abs(a["lr"] - 0.0094868) < 1e-6 for a in got)
+    study, created = create_study(params, "mnist_5to9", "s1", None, tmp_path)
+    assert created
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    assert [t.system_attrs["fixed_params"] for t in waiting] == got and all(t.user_attrs["anchor"] for t in waiting)
+    off = replace(params, sweep=replace(params.sweep, anchors=False))
+    study2, _ = create_study(off, "mnist_5to9", "s2", None, tmp_path)
+    assert study2.get_trials(deepcopy=False) == []
