@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from pipeline.config import BASE_DIR, METRICS_DIR, PREPARED, Adapter, load_params
+from pipeline.console import quiet
 from pipeline.nn.binary import storage_bits
 from pipeline.nn.checkpoint import load_base
 from pipeline.stats import mean_ci
@@ -42,6 +43,7 @@ def main() -> None:
     ap.add_argument("--target", default="mnist_5to9")
     ap.add_argument("--bits", nargs="+", default=["1", "2", "4", "8"])
     args = ap.parse_args()
+    quiet()
     p = load_params()
     lr = json.loads((METRICS_DIR / f"transfer_{args.target}_parallel.json").read_text())["lr"]
     classes = PreparedData(PREPARED / args.target, 1).num_classes

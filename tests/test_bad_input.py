@@ -327,7 +327,7 @@ CASES = [
          ("trunc.safetensors", "does not match its config's sha256"),
          scratch=truncated_copy(f"{ADAPTER}.safetensors", "trunc.safetensors", with_json=True)),
     Case("evaluate-json-not-adapter", ("evaluate", "--target", "mnist_5to9", "--adapter", "{scratch}/card.safetensors"), 2,
-         ("card.json", "not an adapter config", "bnn-adapter/1"),
+         ("card.json", "not an adapter config", "bnn-adapter/2"),
          scratch=adapter_copy("card", raw_json=lambda root: (root / "models/base/binary/card.json").read_bytes())),
     Case("evaluate-wrong-target", ("evaluate", "--target", "mnist_0to4", "--adapter", f"{ADAPTER}.safetensors"), 2,
          ("trained on target 'mnist_5to9'", "not on 'mnist_0to4'")),

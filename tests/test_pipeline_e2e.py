@@ -34,12 +34,12 @@ def test_repro_writes_every_output(project):
         metrics = json.loads((root / f"reports/metrics/pretrain_{precision}.json").read_text())
         assert 0.0 <= metrics["test_acc"] <= 1.0 and metrics["max_epochs"] == 2
     results = pd.read_csv(root / "reports/results.csv")
-    # 1 target x (4 methods on the binary base + full on fp32) x 2 seeds, each at its chosen lr
-    assert len(results) == 10 and sorted(results.seed.unique()) == [0, 1]
+    # 1 target x (5 methods on the binary base + full on fp32) x 2 seeds, each at its chosen lr
+    assert len(results) == 12 and sorted(results.seed.unique()) == [0, 1]
     for _, arm in results.groupby(["method", "precision"]):
         assert arm.lr.nunique() == 1 and arm.lr.iloc[0] in (0.005, 0.01) and (arm.lr_grid == "0.005 0.01").all()
     assert set(zip(results.target, results.method, results.precision)) == {
-        ("mnist_5to9", m, "binary") for m in ("full", "head", "serial", "parallel")} | {("mnist_5to9", "full", "fp32")}
+        ("mnist_5to9", m, "binary") for m in ("full", "head", "bn", "serial", "parallel")} | {("mnist_5to9", "full", "fp32")}
     adapters = results[results.method.isin(["serial", "parallel"])]
     assert (adapters.sparsity > 0.45).all()  # pruned to 0.5 per layer (rounding per layer)
     assert (results.memory_ratio == results.task_memory_bytes / results.base_memory_bytes).all()
@@ -83,8 +83,8 @@ def test_mlflow_runs_read_back(project):
     by_stage = {}
     for r in runs:
         by_stage.setdefault(r.data.tags["stage"], []).append(r)
-    # 5 arms x (2 lr on seed 0 + the chosen lr on seed 1)
-    assert len(by_stage["pretrain"]) == 2 and len(by_stage["transfer"]) == 15
+    # 6 arms x (2 lr on seed 0 + the chosen lr on seed 1)
+    assert len(by_stage["pretrain"]) == 2 and len(by_stage["transfer"]) == 18
     assert len(by_stage["sweep"]) == 1 and len(by_stage["sweep_trial"]) == 2
     pareto = pd.read_csv(root / "reports/sweep/mnist_5to9/pareto.csv")
     assert len(by_stage["sweep_retrain"]) == 2 * len(pareto)  # each Pareto point on both seeds

@@ -410,10 +410,11 @@ def test_failing_trial_is_recorded_and_skipped(in_process, monkeypatch, tmp_path
                               storage=JournalStorage(JournalFileBackend(str(folder / "optuna.journal"))))
     trials = study.get_trials()
     assert ran == 3 and calls == ["trial_0000", "trial_0001", "trial_0002"]
-    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    # the anchors not yet run (4 enqueued, 3 taken) wait for a later, larger quota
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE, TrialState.WAITING]
     assert trials[0].user_attrs["fail_reason"] == "invalid combination"
     assert "val_acc" not in trials[0].user_attrs
-    for t in trials[1:]:
+    for t in trials[1:3]:
         assert "fail_reason" not in t.user_attrs
         assert (folder / "trials" / f"trial_{t.number:04d}.safetensors").exists()
 
