@@ -63,13 +63,19 @@ def test_linear_with_bias():
     assert memory_report(model).bits == (30 + 3) * 32 == 1_056
 
 
-def test_small_model_total_is_sum_of_layers():
-    model = nn.Sequential(
+def _small_model(*extra: nn.Module) -> nn.Sequential:
+    """sign conv 4->8 3x3 (288 bits), float conv with bias (9,472), BN(8) (512), dense 10->3 (1,056)."""
+    return nn.Sequential(
         QuantConv2d(4, 8, 3, bias=False, kernel_quantizer=ste_sign),
         nn.Conv2d(4, 8, 3, bias=True),
         nn.BatchNorm2d(8),
         nn.Linear(10, 3),
+        *extra,
     )
+
+
+def test_small_model_total_is_sum_of_layers():
+    model = _small_model()
     report = memory_report(model)
     expected_bits = 288 + 9_472 + 512 + 1_056
     assert report.bits == expected_bits == 11_328
@@ -171,13 +177,7 @@ def test_breakdown_by_kind():
     # BN 2 * 8 * 32 = 512 bits (64 bytes); the dense layer named as the head: 1,056 bits (132 bytes);
     # a pruned float linear with 5 non-zeros: 5 * 32 value bits (20 bytes) + 5 * 7 index bits
     # (4.375 bytes of "masks")
-    model = nn.Sequential(
-        QuantConv2d(4, 8, 3, bias=False, kernel_quantizer=ste_sign),
-        nn.Conv2d(4, 8, 3, bias=True),
-        nn.BatchNorm2d(8),
-        nn.Linear(10, 3),
-        _with_nonzeros(nn.Linear(10, 10, bias=False), 5),
-    )
+    model = _small_model(_with_nonzeros(nn.Linear(10, 10, bias=False), 5))
     plan = storage_plan(model)
     got = breakdown(plan, head="3")
     assert tuple(got) == BREAKDOWN == ("weights", "scales", "bn", "head", "masks")
