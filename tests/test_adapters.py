@@ -696,8 +696,8 @@ def test_bank_swaps_without_residue(vgg_base, base_sha, tmp_path):
     assert want_a.shape == (5, 3) and want_b.shape == (5, 5)
 
     shared = copy.deepcopy(vgg_base)
+    bank = AdapterBank(shared, base_sha)  # holds the base fused, as every finalized network runs it
     untouched = copy.deepcopy(shared.state_dict())
-    bank = AdapterBank(shared, base_sha)
     with torch.no_grad():
         got_a1 = bank.activate("a", cfg_a, t_a, "a")(x)
         assert bank.active == "a"
@@ -743,8 +743,8 @@ def test_packed_export_of_task_state(vgg_base, tmp_path):
 
 
 def test_bank_swaps_float16_task_bn_without_residue(vgg_base, base_sha, tmp_path):
-    # `bn` with bn_bits 16 rewrites the base's BNs as float16-rounded scale/shift with eps 0; the
-    # next adapter (no task BN) must see the base's BN again, eps included.
+    # `bn` with bn_bits 16 rewrites the base's BNs as float16-rounded scale/shift; the next
+    # adapter (no task BN) must see the base's own fused (float32) BN again.
     a = _build(vgg_base, AdapterSpec("bn", bn_bits=16), 3, seed=41)
     b = _build(vgg_base, AdapterSpec("serial", bits=1, placement="last:2"), 4, seed=42)
     assert all(m.eps == 0.0 for m in a.modules() if isinstance(m, nn.BatchNorm2d))
@@ -756,12 +756,15 @@ def test_bank_swaps_float16_task_bn_without_residue(vgg_base, base_sha, tmp_path
     with torch.no_grad():
         want_a, want_b = a(x), b(x)
     shared = copy.deepcopy(vgg_base)
-    untouched = copy.deepcopy(shared.state_dict())
     base_eps = lambda: [m.eps for n, m in shared.features.named_modules()
                         if isinstance(m, nn.BatchNorm2d) and "adapter" not in n.split(".")]
-    eps = base_eps()
-    assert eps == [1e-5] * 6
+    assert base_eps() == [1e-5] * 6
     bank = AdapterBank(shared, base_sha)
+    untouched = copy.deepcopy(shared.state_dict())
+    eps = base_eps()
+    assert eps == [0.0] * 6
+    fp16 = {k: v for k, v in t_a.items() if k.endswith(".weight") and k.startswith("base.features.1.")}
+    assert fp16 and not torch.equal(fp16["base.features.1.weight"], untouched["features.1.weight"])
     with torch.no_grad():
         assert torch.equal(bank.activate("a", cfg_a, t_a, "a")(x), want_a)
         assert torch.equal(bank.activate("b", cfg_b, t_b, "b")(x), want_b)

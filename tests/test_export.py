@@ -5,6 +5,7 @@ computes what the source model computes. (Every encoding of a task state: test_q
 from __future__ import annotations
 
 import json
+import zlib
 import struct
 
 import numpy as np
@@ -52,11 +53,14 @@ def test_export_header_layout(tmp_path, source_model):
     path = tmp_path / "m.bnnpack"
     sizes = export_packed(source_model, path, {"arch": ARCH.to_dict(), "note": "x"})
     raw = path.read_bytes()
-    assert raw[:8] == MAGIC == b"BNNPACK2"
-    (n,) = struct.unpack("<I", raw[8:12])
-    assert sizes["header_bytes"] == 12 + n
-    header = json.loads(raw[12:12 + n])
+    assert raw[:8] == MAGIC + b"3" == b"BNNPACK3"
+    n, crc = struct.unpack("<II", raw[8:16])
+    assert sizes["header_bytes"] == 16 + n
+    assert crc == zlib.crc32(raw[16:16 + n])
+    header = json.loads(raw[16:16 + n])
     assert header["meta"] == {"arch": ARCH.to_dict(), "note": "x"}
+    assert header["payload_bytes"] == sizes["payload_bytes"] == len(raw) - 16 - n
+    assert header["payload_crc32"] == zlib.crc32(raw[16 + n:])
     # records tile the payload without gaps
     offsets = [(r["offset"], r["nbytes"]) for r in header["tensors"]]
     assert offsets[0][0] == 0
@@ -148,8 +152,35 @@ def test_truncated_payload_raises_user_error(tmp_path, source_model):
     export_packed(source_model, path, {})
     data = path.read_bytes()
     path.write_bytes(data[:-10])
-    with pytest.raises(UserError, match="truncated"):
+    with pytest.raises(UserError, match=r"truncated \(payload of \d+ bytes, header says \d+\)"):
         read_packed(path)
+
+
+def _damaged(tmp_path, source_model, damage):
+    path = tmp_path / "m.bnnpack"
+    export_packed(source_model, path, {})
+    raw = bytearray(path.read_bytes())
+    n = struct.unpack("<I", raw[8:12])[0]
+    damage(raw, n)
+    path.write_bytes(bytes(raw))
+    return path
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda raw, n: raw.__setitem__(7, ord("2")), "packed format version '2'; this reader reads version 3"),
+    (lambda raw, n: raw.__setitem__(7, ord("9")), "packed format version '9'"),
+    (lambda raw, n: raw.__setitem__(20, raw[20] ^ 0x04), r"corrupt header \(checksum mismatch\)"),
+    (lambda raw, n: raw.__setitem__(16 + n + 3, raw[16 + n + 3] ^ 0x80), r"corrupt payload \(checksum mismatch\)"),
+    (lambda raw, n: raw.extend(b"\0"), r"trailing bytes \(payload of \d+ bytes, header says \d+\)"),
+    (lambda raw, n: raw.__delitem__(slice(40, None)), r"truncated \(header of \d+ bytes, 24 left"),
+    (lambda raw, n: raw.__delitem__(slice(10, None)), r"truncated \(ends inside the header length\)"),
+])
+def test_damaged_files_are_refused_in_one_line(tmp_path, source_model, damage, message):
+    """Another version, a flipped bit in header or payload, extra or missing bytes: each named."""
+    path = _damaged(tmp_path, source_model, damage)
+    with pytest.raises(UserError, match=message) as info:
+        read_packed(path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
 
 
 # ------------------------------------------------------------------ k-bit levels and scales by hand
@@ -183,8 +214,8 @@ def test_packed_levels_and_scales_by_hand(tmp_path, bits, encoding, payload, lev
     sizes = export_packed(model, path, {})
     raw = path.read_bytes()
     (n,) = struct.unpack("<I", raw[8:12])
-    records = json.loads(raw[12:12 + n])["tensors"]
-    body = raw[12 + n:]
+    records = json.loads(raw[16:16 + n])["tensors"]
+    body = raw[16 + n:]
     assert [(r["name"], r["encoding"], r["shape"], r["bits"]) for r in records] == [
         ("0.weight", encoding, [2, 4, 1, 1], 2 if bits == "ternary" else bits),
         ("0.scale", f"float{scale_bits}", [2], scale_bits),

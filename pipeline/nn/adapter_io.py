@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import UserError
-from pipeline.nn.adapters import AdapterSpec, TransferNet, _QuantWeight
+from pipeline.nn.adapters import AdapterSpec, TransferNet, _QuantWeight, fuse_bn_
 from pipeline.nn.backbones import Backbone
 
 FORMAT = "bnn-adapter/2"  # 2: per-channel scales, integer levels, bn_bits
@@ -101,9 +101,12 @@ def apply_adapter(base: Backbone, base_sha256: str, config: dict, tensors: dict[
         net.load_state_dict(state, strict=False)
     except RuntimeError as exc:
         raise UserError(f"{source}: tensor shapes do not fit the base ({str(exc).splitlines()[0]})") from None
-    for name, m in net.named_modules():  # finalize fused the float16 task BN: eps 0 (not in the state dict)
-        if isinstance(m, torch.nn.BatchNorm2d) and getattr(m, "stored_bits", 32) == 16 and net.is_task_module(name, m):
-            m.eps = 0.0
+    for name, m in net.named_modules():  # finalize fused every BN (eps is not in the state dict)
+        if isinstance(m, torch.nn.BatchNorm2d):
+            if net.is_task_module(name, m):
+                m.eps = 0.0
+            elif m.eps:
+                fuse_bn_(m)  # the base's, as finalize fused it
     net.eval()
     return net
 
@@ -115,11 +118,13 @@ class AdapterBank:
     def __init__(self, base: Backbone, base_sha256: str):
         self.base, self.base_sha256 = base, base_sha256
         self._head = base.head
+        for m in base.features.modules():  # fused once, as every finalized network runs it
+            if isinstance(m, torch.nn.BatchNorm2d) and m.eps:
+                fuse_bn_(m)
         # Only BN tensors can be task-specific inside the base (task_bn); keep their base values.
         self._bn = {k: v.clone() for k, v in base.state_dict().items()
                     if k.startswith("features") and k.rsplit(".", 1)[1] in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
                     and isinstance(base.get_submodule(k.rsplit(".", 1)[0]), torch.nn.BatchNorm2d)}
-        self._eps = {m: m.eps for m in base.features.modules() if isinstance(m, torch.nn.BatchNorm2d)}
         self.active: str | None = None
 
     def activate(self, name: str, config: dict, tensors: dict[str, torch.Tensor], source: str) -> TransferNet:
@@ -127,8 +132,6 @@ class AdapterBank:
             block.adapter = None
         self.base.head = self._head
         self.base.load_state_dict(self._bn, strict=False)
-        for m, eps in self._eps.items():  # a fused float16 task BN has eps 0
-            m.eps = eps
         net = apply_adapter(self.base, self.base_sha256, config, tensors, source)
         self.active = name
         return net

@@ -261,14 +261,16 @@ class TransferNet(nn.Module):
         return [m for m in self.modules() if isinstance(m, AdapterConv)]
 
     def finalize(self) -> None:
-        """Make pruning permanent, freeze k-bit codes, and round what is stored in float16 to it:
-        the stored, inference form."""
+        """Make pruning permanent, freeze k-bit codes and fuse every BN into the scale and shift
+        the packed files store (float16 where the task state says so): the network measured is
+        then exactly the one that runs from the packed files."""
         for name, m in self.named_modules():
             if isinstance(m, _QuantWeight):
                 m.make_pruning_permanent()
                 m.freeze_codes()
-            elif isinstance(m, nn.BatchNorm2d) and getattr(m, "stored_bits", 32) == 16 and self.is_task_module(name, m):
-                fuse_bn_(m, torch.float16)
+            elif isinstance(m, nn.BatchNorm2d) and m.eps != 0:
+                half = getattr(m, "stored_bits", 32) == 16 and self.is_task_module(name, m)
+                fuse_bn_(m, torch.float16 if half else torch.float32)
 
 
 @torch.no_grad()

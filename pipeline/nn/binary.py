@@ -92,7 +92,6 @@ def clip_latent_weights(model: nn.Module) -> None:
 # four levels and 1 bit gives sign(w) * s with no level at zero (zeros only come from pruning).
 
 Bits = Union[int, str]
-BITS = (1, 2, 4, 8, 32, "ternary")
 
 
 def storage_bits(bits: Bits) -> int:

@@ -1,18 +1,35 @@
-"""Bit-packed export of a model, written from `storage_plan` so its size checks the accounting.
+"""The packed format: a model or a task state, bit-packed from `storage_plan`, so its size
+checks the accounting and its contents run the network (`pipeline.serve`).
 
-File layout: b"BNNPACK2", uint32 little-endian header length, a JSON header (architecture and one
-record per tensor: name, encoding, shape, bits, nnz, levels, offset, nbytes), then the payload.
-Each tensor is padded to whole bytes; the header is the only other overhead. Bit order: MSB first
-(numpy packbits). Encodings: sign (1 = +1), int{k} (code c -> level 2c - (2**k - 1)), ternary
-(c -> c - 1), float32/float16, bn_fused ((2, C): scale then shift, at `bits`), sparse (a 1-bit
-mask or ceil(log2(numel))-bit indices, then the kept values in `levels`). A k-bit weight is its
-levels times its `<layer>.scale` entry, one value per output channel.
+Version 3, little-endian:
+
+    b"BNNPACK3"                magic: 7 letters, then the format version as one ASCII digit
+    uint32 n                   header length in bytes
+    uint32 crc32(header)
+    header                     n bytes of UTF-8 JSON: {"meta": {...}, "payload_bytes": P,
+                               "payload_crc32": C, "tensors": [record, ...]}
+    payload                    P bytes: the tensors back to back, each padded to whole bytes
+
+A record is {name, layer, encoding, shape, bits, nnz, levels, offset, nbytes}; `offset` counts
+from the payload's start. Bit order: MSB first (numpy packbits). Encodings:
+  sign        1 bit per value, 1 = +1, 0 = -1 (a binary conv's weights)
+  int{k}      k-bit codes c, level 2c - (2**k - 1) (odd levels, none at zero)
+  ternary     2-bit codes c, level c - 1
+  float32, float16
+  bn_fused    (2, C) at `bits` (16 or 32): the fused scale, then the shift; y = scale * x + shift
+  sparse      where the kept values are (a 1-bit mask over all values, or ceil(log2(numel))-bit
+              indices, whichever is smaller), then the kept values in the encoding `levels`
+A k-bit weight is its levels times its `<layer>.scale` tensor, one value per output channel.
+`meta` names what the file is: a base ({arch, base_sha256}) or a task state (TASK_META).
+A reader refuses, in one line, another version, a bad checksum, a truncated file or a table
+whose tensors do not tile the payload.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +40,11 @@ from pipeline.errors import UserError
 from pipeline.nn.binary import code_levels, level_codes
 from pipeline.nn.memory import TensorEntry, index_bits, storage_plan
 
-MAGIC = b"BNNPACK2"  # 2: k-bit levels and their per-channel scales as separate tensors
+MAGIC = b"BNNPACK"
+VERSION = 3  # 2: k-bit levels and scales apart; 3: checksums, payload length, task-state meta
+ENCODINGS = ("sign", "ternary", "float32", "float16", "bn_fused", "sparse", "int1", "int2", "int4", "int8")
+TASK_META = ("target", "method", "precision", "seed", "arch", "spec", "num_classes", "classes",
+             "base_sha256", "dataset_sha256")  # what a task state needs to run on its base
 
 
 def pack_uint(values: np.ndarray, bits: int) -> bytes:
@@ -107,13 +128,14 @@ def export_packed(model: nn.Module, path: Path, meta: dict, include=None) -> dic
                         "nbytes": len(data)})
         chunks.append(data)
         offset += len(data)
-    header = json.dumps({"meta": meta, "tensors": records}, separators=(",", ":")).encode()
+    payload = b"".join(chunks)
+    header = json.dumps({"meta": meta, "payload_bytes": len(payload), "payload_crc32": zlib.crc32(payload),
+                         "tensors": records}, separators=(",", ":")).encode()
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
-        f.write(MAGIC + struct.pack("<I", len(header)) + header)
-        for c in chunks:
-            f.write(c)
-    header_bytes = len(MAGIC) + 4 + len(header)
+        f.write(MAGIC + str(VERSION).encode() + struct.pack("<II", len(header), zlib.crc32(header)) + header)
+        f.write(payload)
+    header_bytes = len(MAGIC) + 1 + 8 + len(header)
     return {
         "file_bytes": path.stat().st_size,
         "header_bytes": header_bytes,
@@ -123,25 +145,57 @@ def export_packed(model: nn.Module, path: Path, meta: dict, include=None) -> dic
     }
 
 
+def read_header(path: Path) -> tuple[dict, memoryview]:
+    """The checked header and the payload of a packed file; one-line UserError for anything else."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read packed file ({exc.strerror or exc})") from None
+    prefix = len(MAGIC) + 1
+    if not raw.startswith(MAGIC) or len(raw) < prefix:
+        raise UserError(f"{path}: not a packed model file (no {MAGIC.decode()} magic)")
+    version = raw[len(MAGIC): prefix].decode("ascii", "replace")
+    if version != str(VERSION):
+        raise UserError(f"{path}: packed format version {version!r}; this reader reads version {VERSION} "
+                        f"(export it again with this version of the pipeline)")
+    if len(raw) < prefix + 8:
+        raise UserError(f"{path}: truncated (ends inside the header length)")
+    n, crc = struct.unpack("<II", raw[prefix: prefix + 8])
+    start = prefix + 8
+    if len(raw) < start + n:
+        raise UserError(f"{path}: truncated (header of {n} bytes, {len(raw) - start} left in the file)")
+    blob = raw[start: start + n]
+    if zlib.crc32(blob) != crc:
+        raise UserError(f"{path}: corrupt header (checksum mismatch)")
+    try:
+        header = json.loads(blob)
+        tensors, size = header["tensors"], int(header["payload_bytes"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError):
+        raise UserError(f"{path}: corrupt header (not the version {VERSION} layout)") from None
+    payload = memoryview(raw)[start + n:]
+    if len(payload) != size:
+        what = "truncated" if len(payload) < size else "trailing bytes"
+        raise UserError(f"{path}: {what} (payload of {len(payload)} bytes, header says {size})")
+    if zlib.crc32(payload) != header.get("payload_crc32"):
+        raise UserError(f"{path}: corrupt payload (checksum mismatch)")
+    offset = 0
+    for r in tensors:
+        if r.get("offset") != offset or r.get("encoding") not in ENCODINGS:
+            raise UserError(f"{path}: corrupt tensor table at '{r.get('name')}'")
+        offset += r["nbytes"]
+    if offset != size:
+        raise UserError(f"{path}: corrupt tensor table (tensors cover {offset} of {size} payload bytes)")
+    return header, payload
+
+
 def read_packed(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """Decode a packed file to (meta, {tensor name: tensor}); BN entries give (2, C) scale/shift."""
-    raw = Path(path).read_bytes()
-    if not raw.startswith(MAGIC) or len(raw) < len(MAGIC) + 4:
-        raise UserError(f"{path}: not a packed model file (bad magic)")
-    (n,) = struct.unpack("<I", raw[len(MAGIC): len(MAGIC) + 4])
-    start = len(MAGIC) + 4
-    try:
-        header = json.loads(raw[start: start + n])
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"{path}: corrupt header") from None
-    payload = memoryview(raw)[start + n:]
+    header, payload = read_header(path)
     out = {}
     for r in header["tensors"]:
-        chunk = payload[r["offset"]: r["offset"] + r["nbytes"]]
-        if len(chunk) != r["nbytes"]:
-            raise UserError(f"{path}: truncated at tensor {r['name']}")
+        chunk = bytes(payload[r["offset"]: r["offset"] + r["nbytes"]])
         numel = int(np.prod(r["shape"]))
-        values = _decode(r, bytes(chunk), numel)
+        values = _decode(r, chunk, numel)
         out[r["name"]] = torch.from_numpy(values.reshape(r["shape"]))
     return header["meta"], out
 
@@ -165,21 +219,34 @@ def _decode(r: dict, chunk: bytes, numel: int) -> np.ndarray:
 
 
 def load_packed_into(model: nn.Module, path: Path) -> None:
-    """Load a packed file into `model`: BN set to the fused scale/shift, k-bit weights to their
-    levels and scales (frozen), everything else copied."""
+    """Load a packed file into `model` (see `load_tensors_into`)."""
+    load_tensors_into(model, read_packed(path)[1])
+
+
+def load_tensors_into(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Load decoded packed tensors into `model`: BN set to the fused scale/shift (eps 0), k-bit
+    weights to their levels and scales (frozen), everything else copied."""
     from pipeline.nn.adapters import _QuantWeight
 
-    _, tensors = read_packed(path)
     modules = dict(model.named_modules())
     with torch.no_grad():
         for name, t in tensors.items():
             m = modules.get(name)
             owner = modules.get(name.rsplit(".", 1)[0])
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.weight.copy_(t[0]); m.bias.copy_(t[1])
-                m.running_mean.zero_(); m.running_var.fill_(1.0); m.eps = 0.0
-            elif isinstance(owner, _QuantWeight) and name.endswith(".scale"):
-                owner.scale.data = t.clone()
-                owner.frozen.fill_(True)
-            else:
-                model.get_parameter(name).copy_(t)
+            try:
+                want = (2, m.num_features) if isinstance(m, nn.modules.batchnorm._BatchNorm) else \
+                    owner.scale.shape if isinstance(owner, _QuantWeight) and name.endswith(".scale") else \
+                    model.get_parameter(name).shape
+                if tuple(t.shape) != tuple(want):
+                    raise RuntimeError(f"shape {tuple(t.shape)}, the network's {tuple(want)}")
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.weight.copy_(t[0]); m.bias.copy_(t[1])
+                    m.running_mean.zero_(); m.running_var.fill_(1.0); m.eps = 0.0
+                elif isinstance(owner, _QuantWeight) and name.endswith(".scale"):
+                    owner.scale.data = t.clone()
+                    owner.frozen.fill_(True)
+                else:
+                    model.get_parameter(name).copy_(t)
+            except (AttributeError, RuntimeError, IndexError) as exc:
+                raise UserError(f"packed tensor '{name}' does not fit the network "
+                                f"({str(exc).splitlines()[0][:160]})") from None

@@ -118,8 +118,11 @@ def train_transfer(params: Params, *, target: str, method: str, precision: str, 
         "lr": optim.lr,
         **result.convergence(),
     }
-    packed = export_packed(net, out / f"{stem}.bnnpack", {"target": target, "method": method},
-                           include=net.is_task_module)
+    packed_meta = {"target": target, "method": method, "precision": precision, "seed": seed,
+                   "arch": net.base.arch.to_dict(), "spec": net.spec.to_dict(), "num_classes": raw.num_classes,
+                   "classes": raw.manifest["classes"], "base_sha256": base_sha,
+                   "dataset_sha256": raw.manifest["sha256"]}  # TASK_META: enough to run it on its base
+    packed = export_packed(net, out / f"{stem}.bnnpack", packed_meta, include=net.is_task_module)
     row["packed_payload_bytes"] = packed["payload_bytes"]
     save_adapter(net, out / stem, {
         "target": target, "method": method, "precision": precision, "seed": seed,
