@@ -226,6 +226,7 @@ class SearchSpace:
     bits: list[Literal[32, 8, 4, 2, 1, "ternary"]] = field(default_factory=lambda: [32, 8, 4, 2, 1])
     prune_amount: list[float] = field(default_factory=lambda: [0.0, 0.5, 0.9])
     task_bn: list[bool] = field(default_factory=lambda: [False, True])
+    head_bits: list[Literal[32, 8, 4, 2]] = field(default_factory=lambda: [8])  # near the small end the head is most of a task
     lr: FloatRange = FloatRange(low=0.003, high=0.03, log=True)
 
     def check(self, path: str) -> None:

@@ -40,7 +40,7 @@ SPACE = {
     "lr": {"low": 0.005, "high": 0.01, "log": True},
 }
 PRINTED = re.compile(r"sweep mnist_5to9 \((?P<name>[^)]+)\): (?P<complete>\d+) complete, (?P<failed>\d+) failed")
-PARAM_KEYS = ("method", "groups", "reduction", "placement", "task_bn", "bits", "prune_amount", "lr")
+PARAM_KEYS = ("method", "groups", "reduction", "placement", "task_bn", "bits", "prune_amount", "head_bits", "lr")
 
 
 def _journal(root: Path) -> JournalStorage:
@@ -519,16 +519,18 @@ def test_mlflow_parent_and_child_runs(project, resumed):
 
 def test_anchors_are_each_adapter_types_ends_and_run_first(tmp_path):
     """The default space's corners, by hand: smallest = most groups (32), most reduction (2), fewest
-    blocks (last:1), fewest bits (1), most pruning (0.9), no task BN; largest = the opposite ends
-    (groups 1, reduction 1, all blocks, 32-bit, no pruning, task BN); lr the log-midpoint of
+    blocks (last:1), fewest bits (1), most pruning (0.9), no task BN, a 4-bit head; largest = the
+    opposite ends (groups 1, reduction 1, all blocks, 32-bit, no pruning, task BN, 8-bit head); lr the log-midpoint of
     0.003-0.03 (sqrt(0.003 * 0.03) = 0.0094868). A new study holds them as its first trials."""
     from pipeline.config import parse_params
     from pipeline.train.sweep import anchors, create_study
 
     params = parse_params(yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text()))
     got = anchors(params)
-    small = {"groups": 32, "reduction": 2, "placement": "last:1", "bits": 1, "prune_amount": 0.9, "task_bn": False}
-    large = {"groups": 1, "reduction": 1, "placement": "all", "bits": 32, "prune_amount": 0.0, "task_bn": True}
+    small = {"groups": 32, "reduction": 2, "placement": "last:1", "bits": 1, "prune_amount": 0.9, "task_bn": False,
+             "head_bits": 4}
+    large = {"groups": 1, "reduction": 1, "placement": "all", "bits": 32, "prune_amount": 0.0, "task_bn": True,
+             "head_bits": 8}
     assert [{k: v for k, v in a.items() if k != "lr"} for a in got] == \
         [{"method": "serial", **small}, {"method": "serial", **large},
          {"method": "parallel", **small}, {"method": "parallel", **large}]

@@ -102,8 +102,8 @@ def baseline(cfg: pd.DataFrame, target: str, method: str, precision: str = "bina
 
 
 def describe(r) -> str:
-    """A configuration in a few words: `parallel g4 r1 all 1-bit LSQ BN 16-bit +task BN pruned 0.5`
-    (BN at its default 32 bits is not named for adapters)."""
+    """A configuration in a few words: `parallel g4 r1 all 1-bit LSQ BN 16-bit +task BN head 4-bit
+    pruned 0.5` (BN at its default 32 bits and the default 8-bit head are not named for adapters)."""
     bn = int(r["bn_bits"]) if "bn_bits" in r and not pd.isna(r["bn_bits"]) else None
     if r.method not in ADAPTERS:
         return {"bn": f"BN thresholds + head, BN {bn or 32}-bit", "head": "head only"}.get(r.method, r.method)
@@ -113,6 +113,8 @@ def describe(r) -> str:
     text += " LSQ" if str(r.get("learn_scale", False)) == "True" else ""
     text += f" BN {bn}-bit" if bn and bn != 32 else ""
     text += " +task BN" if str(r.get("task_bn", False)) == "True" else ""
+    head = r.get("head_bits")
+    text += f" head {int(head)}-bit" if head is not None and not pd.isna(head) and int(head) != 8 else ""
     if float(r.get("prune_amount", 0) or 0) > 0:
         text += f" pruned {float(r.prune_amount):g}"
     return text

@@ -151,11 +151,11 @@ def retrain_pareto(params: Params, study, target: str, folder: Path, parent: str
     from pipeline.train.sweep import one_device, suggest
     from pipeline.train.transfer import base_memory_bytes, train_transfer
 
-    base_bytes, run_params = base_memory_bytes(), one_device(params)
+    base_bytes = base_memory_bytes()
     jobs = []
     for t in sorted(study.best_trials, key=lambda t: (t.values[1], t.number)):
-        method, adapter, lr = suggest(optuna.trial.FixedTrial(t.params), params)
-        jobs += [dict(params=run_params, target=target, method=method, precision="binary", seed=seed, adapter=adapter,
+        method, adapter, lr, trial_params = suggest(optuna.trial.FixedTrial(t.params), params)
+        jobs += [dict(params=one_device(trial_params), target=target, method=method, precision="binary", seed=seed, adapter=adapter,
                       optim=replace(params.transfer.optim, lr=lr), out=folder / "pareto",
                       stem=f"trial_{t.number:04d}_seed{seed}", base_bytes=base_bytes, parent_run_id=parent,
                       run_name=f"sweep-{target}-trial{t.number}-s{seed}",

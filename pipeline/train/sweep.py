@@ -112,11 +112,13 @@ def anchors(params: Params) -> list[dict[str, Any]]:
         "bits": (min(sp.bits, key=storage_bits), max(sp.bits, key=storage_bits)),
         "prune_amount": (max(sp.prune_amount), min(sp.prune_amount)),
         "task_bn": (min(sp.task_bn), max(sp.task_bn)),
+        "head_bits": (min(sp.head_bits), max(sp.head_bits)),
     }
     return [{"method": m, **{k: v[end] for k, v in ends.items()}, "lr": lr} for m in sp.method for end in (0, 1)]
 
 
-def suggest(trial: optuna.trial.BaseTrial, params: Params) -> tuple[str, Adapter, float]:
+def suggest(trial: optuna.trial.BaseTrial, params: Params) -> tuple[str, Adapter, float, Params]:
+    """The trial's method, adapter and lr, and the params it runs with (its head width)."""
     sp = params.sweep.space
     method = trial.suggest_categorical("method", sp.method)
     adapter = Adapter(
@@ -128,8 +130,9 @@ def suggest(trial: optuna.trial.BaseTrial, params: Params) -> tuple[str, Adapter
         bn_bits=params.adapter.bn_bits, learn_scale=params.adapter.learn_scale,
         prune=replace(params.adapter.prune, amount=trial.suggest_categorical("prune_amount", sp.prune_amount)),
     )
+    head = trial.suggest_categorical("head_bits", sp.head_bits)
     lr = trial.suggest_float("lr", sp.lr.low, sp.lr.high, log=sp.lr.log)
-    return method, adapter, lr
+    return method, adapter, lr, replace(params, transfer=replace(params.transfer, head_bits=head))
 
 
 # ------------------------------------------------------------------------------ liveness
@@ -251,10 +254,10 @@ def run_worker(params: Params, target: str, name: str, storage_url: Optional[str
         parent = study.user_attrs.get(PARENT_RUN_ATTR, parent_run_id)
         result: dict[str, Any] = {}
         try:
-            method, adapter, lr = suggest(trial, params)
+            method, adapter, lr, trial_params = suggest(trial, params)
             stem = f"trial_{trial.number:04d}"
             row, _ = train_transfer(
-                params, target=target, method=method, precision="binary", seed=params.seeds[0], adapter=adapter,
+                trial_params, target=target, method=method, precision="binary", seed=params.seeds[0], adapter=adapter,
                 optim=replace(params.transfer.optim, max_epochs=s.max_epochs, lr=lr), out=folder / "trials", stem=stem,
                 run_name=f"sweep-{target}-trial{trial.number}", parent_run_id=parent,
                 tags=run_tags("sweep_trial", target=target, method=method, precision="binary", study=name),
