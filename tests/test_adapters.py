@@ -22,7 +22,7 @@ from pipeline.config import Optim, parse_params
 from pipeline.data.prepare import prepare_dataset
 from pipeline.errors import UserError
 from pipeline.nn.adapter_io import AdapterBank, apply_adapter, read_adapter, save_adapter
-from pipeline.nn.adapters import (Adapter, AdapterConv, AdapterSpec, QuantLinear, TransferNet,
+from pipeline.nn.adapters import (FUSED_EPS, Adapter, AdapterConv, AdapterSpec, QuantLinear, TransferNet,
                                   resolve_placement)
 from pipeline.nn.backbones import Arch
 from pipeline.nn.checkpoint import load_base, save_base
@@ -747,7 +747,7 @@ def test_bank_swaps_float16_task_bn_without_residue(vgg_base, base_sha, tmp_path
     # adapter (no task BN) must see the base's own fused (float32) BN again.
     a = _build(vgg_base, AdapterSpec("bn", bn_bits=16), 3, seed=41)
     b = _build(vgg_base, AdapterSpec("serial", bits=1, placement="last:2"), 4, seed=42)
-    assert all(m.eps == 0.0 for m in a.modules() if isinstance(m, nn.BatchNorm2d))
+    assert all(m.eps == FUSED_EPS for m in a.modules() if isinstance(m, nn.BatchNorm2d))
     save_adapter(a, tmp_path / "a", {"base_sha256": base_sha})
     save_adapter(b, tmp_path / "b", {"base_sha256": base_sha})
     cfg_a, t_a = read_adapter(tmp_path / "a")
@@ -762,7 +762,7 @@ def test_bank_swaps_float16_task_bn_without_residue(vgg_base, base_sha, tmp_path
     bank = AdapterBank(shared, base_sha)
     untouched = copy.deepcopy(shared.state_dict())
     eps = base_eps()
-    assert eps == [0.0] * 6
+    assert eps == [FUSED_EPS] * 6
     fp16 = {k: v for k, v in t_a.items() if k.endswith(".weight") and k.startswith("base.features.1.")}
     assert fp16 and not torch.equal(fp16["base.features.1.weight"], untouched["features.1.weight"])
     with torch.no_grad():

@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import UserError
-from pipeline.nn.adapters import AdapterSpec, TransferNet, _QuantWeight, fuse_bn_
+from pipeline.nn.adapters import FUSED_EPS, AdapterSpec, TransferNet, _QuantWeight, fuse_bn_, is_fused
 from pipeline.nn.backbones import Backbone
 
 FORMAT = "bnn-adapter/2"  # 2: per-channel scales, integer levels, bn_bits
@@ -104,8 +104,8 @@ def apply_adapter(base: Backbone, base_sha256: str, config: dict, tensors: dict[
     for name, m in net.named_modules():  # finalize fused every BN (eps is not in the state dict)
         if isinstance(m, torch.nn.BatchNorm2d):
             if net.is_task_module(name, m):
-                m.eps = 0.0
-            elif m.eps:
+                m.eps = FUSED_EPS
+            elif not is_fused(m):
                 fuse_bn_(m)  # the base's, as finalize fused it
     net.eval()
     return net
@@ -119,7 +119,7 @@ class AdapterBank:
         self.base, self.base_sha256 = base, base_sha256
         self._head = base.head
         for m in base.features.modules():  # fused once, as every finalized network runs it
-            if isinstance(m, torch.nn.BatchNorm2d) and m.eps:
+            if isinstance(m, torch.nn.BatchNorm2d) and not is_fused(m):
                 fuse_bn_(m)
         # Only BN tensors can be task-specific inside the base (task_bn); keep their base values.
         self._bn = {k: v.clone() for k, v in base.state_dict().items()

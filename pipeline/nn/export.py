@@ -224,9 +224,9 @@ def load_packed_into(model: nn.Module, path: Path) -> None:
 
 
 def load_tensors_into(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Load decoded packed tensors into `model`: BN set to the fused scale/shift (eps 0), k-bit
+    """Load decoded packed tensors into `model`: BN set to the fused scale/shift, k-bit
     weights to their levels and scales (frozen), everything else copied."""
-    from pipeline.nn.adapters import _QuantWeight
+    from pipeline.nn.adapters import _QuantWeight, set_fused_
 
     modules = dict(model.named_modules())
     with torch.no_grad():
@@ -240,8 +240,7 @@ def load_tensors_into(model: nn.Module, tensors: dict[str, torch.Tensor]) -> Non
                 if tuple(t.shape) != tuple(want):
                     raise RuntimeError(f"shape {tuple(t.shape)}, the network's {tuple(want)}")
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.weight.copy_(t[0]); m.bias.copy_(t[1])
-                    m.running_mean.zero_(); m.running_var.fill_(1.0); m.eps = 0.0
+                    set_fused_(m, t[0], t[1])
                 elif isinstance(owner, _QuantWeight) and name.endswith(".scale"):
                     owner.scale.data = t.clone()
                     owner.frozen.fill_(True)
