@@ -43,15 +43,28 @@ def cmd_transfer(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
+    from pipeline.errors import UserError
     from pipeline.stages import evaluate
 
-    evaluate.run_evaluate(_params(args), args.target, Path(args.adapter), args.split)
+    if args.packed:
+        evaluate.run_evaluate_packed(_params(args), args.target, Path(args.packed),
+                                     Path(args.base) if args.base else None, args.split, args.compare)
+    else:
+        if args.base or args.compare:
+            raise UserError("evaluate: --base and --compare go with --packed, not --adapter")
+        evaluate.run_evaluate(_params(args), args.target, Path(args.adapter), args.split)
 
 
 def cmd_bank(args) -> None:
+    from pipeline.errors import UserError
     from pipeline.stages import evaluate
 
-    evaluate.run_bank(_params(args), args.targets, args.method)
+    if args.swaps < 1:
+        raise UserError(f"bank: --swaps {args.swaps}; allowed: an integer >= 1")
+    if args.packed:
+        evaluate.run_bank_packed(_params(args), args.targets, args.method, args.swaps)
+    else:
+        evaluate.run_bank(_params(args), args.targets, args.method)
 
 
 def cmd_sweep(args) -> None:
@@ -125,15 +138,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["binary", "fp32"], default="binary", help="base precision (full only)")
     p.set_defaults(func=cmd_transfer)
 
-    p = sub.add_parser("evaluate", help="load base + adapter file and evaluate it on a target")
+    p = sub.add_parser("evaluate", help="evaluate a task state on its target: adapter file + base checkpoint, "
+                                         "or (--packed) the two packed files alone")
     p.add_argument("--target", required=True)
-    p.add_argument("--adapter", required=True, help="adapter .safetensors (its .json must sit beside it)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--adapter", help="adapter .safetensors (its .json must sit beside it)")
+    what.add_argument("--packed", help="task state .bnnpack (runs from it and the packed base only)")
+    p.add_argument("--base", default=None, help="packed base (default: models/base/<its precision>/model.bnnpack)")
+    p.add_argument("--compare", choices=["trained", "numpy"], default=None,
+                   help="also run the same images through the trained network (safetensors + checkpoint) "
+                        "or the numpy XNOR path, and count the differences")
     p.add_argument("--split", choices=["val", "test"], default="test")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("bank", help="one base, several targets: swap adapters in one process")
     p.add_argument("--targets", nargs="+", required=True)
     p.add_argument("--method", choices=["head", "bn", "serial", "parallel"], default="serial")
+    p.add_argument("--packed", action="store_true", help="load base and task states from the packed files only")
+    p.add_argument("--swaps", type=int, default=1000, help="swaps timed with --packed (default 1000)")
     p.set_defaults(func=cmd_bank)
 
     p = sub.add_parser("sweep", help="Optuna sweep of adapter configurations on one target")

@@ -145,6 +145,15 @@ def adapter_copy(stem: str, config: Optional[Callable[[dict], dict]] = None, raw
     return make
 
 
+def packed_copy(name: str, damage: Callable[[bytearray], None]):
+    """scratch/name: the serial adapter's packed file, damaged in place."""
+    def make(root: Path, scratch: Path) -> None:
+        raw = bytearray((root / f"{ADAPTER}.bnnpack").read_bytes())
+        damage(raw)
+        (scratch / name).write_bytes(bytes(raw))
+    return make
+
+
 def write_file(name: str, data: bytes):
     def make(root: Path, scratch: Path) -> None:
         (scratch / name).write_bytes(data)
@@ -334,6 +343,37 @@ CASES = [
     Case("evaluate-other-base", ("evaluate", "--target", "mnist_5to9", "--adapter", "{scratch}/other.safetensors"), 2,
          ("other.safetensors", "trained against base 000000000000", "load it onto the base it was trained with"),
          scratch=adapter_copy("other", config=lambda c: _with(c, base_sha256="0" * 64))),
+    # --- evaluate --packed / bank --packed: the packed files -------------------------------------
+    Case("packed-truncated", ("evaluate", "--target", "mnist_5to9", "--packed", "{scratch}/trunc.bnnpack"), 2,
+         ("trunc.bnnpack", "truncated"), scratch=truncated_copy(f"{ADAPTER}.bnnpack", "trunc.bnnpack", keep=0.8)),
+    Case("packed-other-version", ("evaluate", "--target", "mnist_5to9", "--packed", "{scratch}/v2.bnnpack"), 2,
+         ("v2.bnnpack", "packed format version '2'", "this reader reads version 3"),
+         scratch=packed_copy("v2.bnnpack", lambda raw: raw.__setitem__(7, ord("2")))),
+    Case("packed-flipped-header", ("evaluate", "--target", "mnist_5to9", "--packed", "{scratch}/flip.bnnpack"), 2,
+         ("flip.bnnpack", "corrupt header (checksum mismatch)"),
+         scratch=packed_copy("flip.bnnpack", lambda raw: raw.__setitem__(30, raw[30] ^ 0x01))),
+    Case("packed-not-packed", ("evaluate", "--target", "mnist_5to9", "--packed", "{scratch}/notes.bnnpack"), 2,
+         ("notes.bnnpack", "not a packed model file", "BNNPACK"),
+         scratch=write_file("notes.bnnpack", b"these are notes\n")),
+    Case("packed-base-as-task", ("evaluate", "--target", "mnist_5to9", "--packed", "models/base/binary/model.bnnpack"), 2,
+         ("models/base/binary/model.bnnpack", "not a packed task state (a base")),
+    Case("packed-task-as-base", ("evaluate", "--target", "mnist_5to9", "--packed", f"{ADAPTER}.bnnpack",
+                                 "--base", f"{ADAPTER}.bnnpack"), 2,
+         (f"{ADAPTER}.bnnpack", "not a packed base")),
+    Case("packed-fp32-base", ("evaluate", "--target", "mnist_5to9", "--packed", f"{ADAPTER}.bnnpack",
+                              "--base", "models/base/fp32/model.bnnpack"), 2,
+         (f"{ADAPTER}.bnnpack", "trained on base", "give the base it was trained on (--base)")),
+    Case("packed-wrong-target", ("evaluate", "--target", "uci_digits", "--packed", f"{ADAPTER}.bnnpack"), 2,
+         ("trained on target 'mnist_5to9'", "not on 'uci_digits'")),
+    Case("packed-base-with-adapter", ("evaluate", "--target", "mnist_5to9", "--adapter", f"{ADAPTER}.safetensors",
+                                      "--base", "models/base/binary/model.bnnpack"), 2,
+         ("--base and --compare go with --packed",)),
+    Case("evaluate-adapter-and-packed", ("evaluate", "--target", "mnist_5to9", "--adapter", "x", "--packed", "y"), 2,
+         ("not allowed with argument",)),
+    Case("bank-packed-missing", ("bank", "--packed", "--targets", "mnist_5to9", "mnist_0to4", "--method", "bn"), 2,
+         ("models/mnist_0to4/bn/adapter.bnnpack", "not found", "run the bn transfer")),
+    Case("bank-zero-swaps", ("bank", "--packed", "--targets", "mnist_5to9", "--swaps", "0"), 2,
+         ("--swaps 0", "allowed: an integer >= 1")),
     # --- export: base model files -------------------------------------------------------------
     Case("export-truncated-model", ("export", "--model", "{scratch}/model_trunc.pt"), 2,
          ("model_trunc.pt", "not a valid base model file"),

@@ -4,13 +4,14 @@ files it writes and through MlflowClient."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from conftest import run_cli
+from conftest import run_cli, run_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -73,6 +74,43 @@ def test_evaluate_reproduces_recorded_accuracy(project):
                        f"models/mnist_5to9/{method}/{stem}.safetensors"], root).stdout
         recorded = results.loc[("mnist_5to9", method, "binary", seed), "test_acc"]
         assert f"test accuracy {recorded:.4f}" in out
+
+
+def test_packed_files_alone_reproduce_every_task_state(project):
+    """Every task state the run wrote (each method, each seed, the sweep's Pareto retrains): base +
+    task state from the two packed files give the trained network's logits exactly, its recorded
+    accuracy, and the numpy XNOR path the same argmax on every test image."""
+    root, _, _ = project
+    results = pd.read_csv(root / "reports/results.csv").set_index(["target", "method", "precision", "seed"])
+    files = sorted((root / "models/mnist_5to9").glob("*/adapter*.bnnpack"))
+    assert len(files) == 6 * 2  # 6 arms (full, full_fp32, head, bn, serial, parallel) x 2 seeds
+    pattern = re.compile(r"test accuracy (\S+) .*\n  vs (\w+): (\d+) images, (\d+) argmax mismatches, "
+                         r"largest logit difference (\S+)")
+    for f in files + sorted((root / "reports/sweep/mnist_5to9/pareto").glob("*.bnnpack")):
+        rel = str(f.relative_to(root))
+        for other in ("trained", "numpy"):
+            proc = run_in_process(["evaluate", "--target", "mnist_5to9", "--packed", rel, "--compare", other], root)
+            assert proc.returncode == 0, proc.stderr
+            acc, name, images, mismatches, diff = pattern.search(proc.stdout).groups()
+            assert (name, int(images), int(mismatches)) == (other, 30, 0), proc.stdout
+            assert float(diff) == 0.0 if other == "trained" else float(diff) < 1e-3, proc.stdout
+        if "models/" in rel:
+            method = f.parent.name
+            seed = int(f.stem.removeprefix("adapter_seed")) if "seed" in f.stem else 0
+            key = ("mnist_5to9", "full" if method == "full_fp32" else method,
+                   "fp32" if method == "full_fp32" else "binary", seed)
+            assert float(acc) == pytest.approx(results.loc[key, "test_acc"], abs=1e-4), rel
+
+
+def test_bank_runs_from_packed_files(project):
+    root, _, _ = project
+    proc = run_in_process(["bank", "--packed", "--targets", "mnist_5to9", "--method", "parallel", "--swaps", "50"],
+                          root)
+    assert proc.returncode == 0, proc.stderr
+    recorded = pd.read_csv(root / "reports/results.csv").query(
+        "method == 'parallel' and seed == 0").test_acc.iloc[0]
+    assert f"mnist_5to9: test accuracy {recorded:.4f} (recorded {recorded:.4f})" in proc.stdout
+    assert re.search(r"swap: median [\d.]+ us over 50 swaps", proc.stdout)
 
 
 def test_mlflow_runs_read_back(project):

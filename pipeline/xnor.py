@@ -1,0 +1,142 @@
+"""Inference in numpy from the packed files: the binary 3x3 convolutions on packed bits (XNOR and
+popcount over 64-bit words, `numpy.bitwise_count`), everything else (stem, adapters, fused BN,
+pooling, head) in float32. No torch arithmetic: torch only decodes the files.
+
+A binary conv's inputs are sign(x) in {-1, +1} and its zero padding contributes 0, so for an output
+position with `valid` in-image inputs: sum(a * w) = valid - 2 * popcount((a XOR w) AND valid).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from pipeline.errors import UserError
+
+# bnn_vgg_small's features (pipeline.nn.backbones), in order: what each index is.
+VGG_SMALL = ["stem", "bn", "block", "pool", "block", "block", "pool", "block", "pool", "block"]
+
+
+def pack_rows(bits: np.ndarray) -> np.ndarray:
+    """(R, K) booleans -> (R, ceil(K / 64)) uint64 words (zero-padded)."""
+    r, k = bits.shape
+    pad = -k % 64
+    if pad:
+        bits = np.concatenate([bits, np.zeros((r, pad), dtype=bool)], axis=1)
+    return np.packbits(bits, axis=1).view(np.uint64)
+
+
+def _patches(x: np.ndarray, k: int = 3, pad: int = 1) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """im2col: (N, C, H, W) -> (N * H' * W', C * k * k) in (C, kh, kw) order (torch's weight order)."""
+    n, c, h, w = x.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    win = sliding_window_view(xp, (k, k), axis=(2, 3))  # N, C, H', W', k, k
+    ho, wo = win.shape[2], win.shape[3]
+    return win.transpose(0, 2, 3, 1, 4, 5).reshape(n * ho * wo, c * k * k), (n, ho, wo)
+
+
+class BinaryConv:
+    """3x3, stride 1, padding 1 conv of sign(x) with +-1 weights, on packed bits."""
+
+    def __init__(self, weight: np.ndarray, chunk: int = 4096):
+        self.cout = weight.shape[0]
+        self.w = pack_rows(weight.reshape(self.cout, -1) >= 0)  # (Cout, words)
+        self.chunk = chunk
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        s = np.where(x >= 0, np.int8(1), np.int8(-1))
+        p, (n, ho, wo) = _patches(s)  # 0 where the padding is
+        a, valid = pack_rows(p > 0), pack_rows(p != 0)
+        out = np.empty((len(p), self.cout), dtype=np.float32)
+        for i in range(0, len(p), self.chunk):
+            ai, vi = a[i: i + self.chunk, None, :], valid[i: i + self.chunk, None, :]
+            differ = np.bitwise_count((ai ^ self.w[None]) & vi).sum(-1, dtype=np.int32)
+            n_valid = np.bitwise_count(valid[i: i + self.chunk]).sum(-1, dtype=np.int32)
+            out[i: i + self.chunk] = n_valid[:, None] - 2 * differ
+        return out.reshape(n, ho, wo, self.cout).transpose(0, 3, 1, 2)
+
+
+def float_conv3(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    p, (n, ho, wo) = _patches(x.astype(np.float32))
+    out = p @ weight.reshape(weight.shape[0], -1).T
+    return out.reshape(n, ho, wo, -1).transpose(0, 3, 1, 2)
+
+
+def conv1x1(x: np.ndarray, weight: np.ndarray, groups: int) -> np.ndarray:
+    n, c, h, w = x.shape
+    cout = weight.shape[0]
+    wg = weight.reshape(groups, cout // groups, c // groups)
+    out = wg[None] @ x.reshape(n, groups, c // groups, h * w)
+    return out.reshape(n, cout, h, w)
+
+
+def bn(x: np.ndarray, fused: np.ndarray) -> np.ndarray:
+    return x * fused[0][None, :, None, None] + fused[1][None, :, None, None]
+
+
+def maxpool2(x: np.ndarray) -> np.ndarray:
+    n, c, h, w = x.shape
+    x = x[:, :, : h // 2 * 2, : w // 2 * 2]
+    return x.reshape(n, c, h // 2, 2, w // 2, 2).max(axis=(3, 5))
+
+
+class NumpyNet:
+    """A base and a task state (decoded packed tensors) as numpy layers; `__call__` gives logits."""
+
+    def __init__(self, base_tensors: dict, task_meta: dict, task_tensors: dict):
+        arch, spec = task_meta["arch"], task_meta["spec"]
+        if arch["name"] != "bnn_vgg_small":
+            raise UserError(f"numpy runtime: arch '{arch['name']}' is not supported; allowed: bnn_vgg_small")
+        t = {k: v.numpy() for k, v in base_tensors.items()}
+        t.update({k[len("base."):]: v.numpy() for k, v in task_tensors.items()})  # the task's override the base's
+        self.binary = arch["precision"] == "binary"
+        self.kind, self.groups = spec["method"], spec["groups"]
+        self.t = t
+        self.convs = {i: BinaryConv(t[f"features.{i}.conv.weight"]) for i, kind in enumerate(VGG_SMALL)
+                      if kind == "block" and self.binary}
+        self.head = self._weight("head")
+
+    def _weight(self, layer: str) -> np.ndarray:
+        """A layer's float weight: k-bit levels times their per-output-channel scale, or the floats."""
+        w = self.t[f"{layer}.weight"]
+        s = self.t.get(f"{layer}.scale")
+        return w if s is None else w * s.reshape((-1,) + (1,) * (w.ndim - 1))
+
+    def _adapter(self, i: int, x: np.ndarray, h: np.ndarray) -> np.ndarray:
+        a = f"features.{i}.adapter"
+        if f"{a}.bn" not in self.t:
+            return h
+        y = h if self.kind == "serial" else x
+        j = 0
+        while f"{a}.convs.{j}.weight" in self.t:
+            y = conv1x1(y, self._weight(f"{a}.convs.{j}"), self.groups)
+            j += 1
+        return h + bn(y, self.t[f"{a}.bn"])
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        for i, kind in enumerate(VGG_SMALL):
+            if kind == "stem":
+                x = float_conv3(x, self.t[f"features.{i}.weight"])
+            elif kind == "bn":
+                x = bn(x, self.t[f"features.{i}"])
+            elif kind == "pool":
+                x = maxpool2(x)
+            else:
+                h = self.convs[i](x) if self.binary else \
+                    float_conv3(np.maximum(x, 0), self.t[f"features.{i}.conv.weight"])
+                x = self._adapter(i, x, bn(h, self.t[f"features.{i}.bn"]))
+        f = x.mean(axis=(2, 3), dtype=np.float32)
+        return f @ self.head.T + self.t["head.bias"]
+
+
+def load_numpy_net(task_path: Path, base_path: Path | None = None) -> NumpyNet:
+    from pipeline.packed import check_pair, default_base, read_base, read_task
+
+    task_meta, task_tensors = read_task(task_path)
+    base_path = Path(base_path) if base_path else default_base(task_meta)
+    base_meta, base_tensors = read_base(base_path)
+    check_pair(base_path, base_meta, task_path, task_meta)
+    return NumpyNet(base_tensors, task_meta, task_tensors)
