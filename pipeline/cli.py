@@ -61,8 +61,12 @@ def cmd_bank(args) -> None:
 
     if args.swaps < 1:
         raise UserError(f"bank: --swaps {args.swaps}; allowed: an integer >= 1")
+    if args.states and not args.packed:
+        raise UserError("bank: --states goes with --packed")
+    if not (args.targets or args.states):
+        raise UserError("bank: name the task states: --targets T [T ...] (with --method), or --packed --states FILE ...")
     if args.packed:
-        evaluate.run_bank_packed(_params(args), args.targets, args.method, args.swaps)
+        evaluate.run_bank_packed(_params(args), args.targets or [], args.method, args.swaps, args.states)
     else:
         evaluate.run_bank(_params(args), args.targets, args.method)
 
@@ -152,9 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("bank", help="one base, several targets: swap adapters in one process")
-    p.add_argument("--targets", nargs="+", required=True)
+    p.add_argument("--targets", nargs="+", default=None)
     p.add_argument("--method", choices=["head", "bn", "serial", "parallel"], default="serial")
     p.add_argument("--packed", action="store_true", help="load base and task states from the packed files only")
+    p.add_argument("--states", nargs="+", default=None, help="with --packed: task-state .bnnpack files to bank "
+                                                            "(any targets and methods) instead of --targets")
     p.add_argument("--swaps", type=int, default=1000, help="swaps timed with --packed (default 1000)")
     p.set_defaults(func=cmd_bank)
 

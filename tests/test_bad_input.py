@@ -372,6 +372,12 @@ CASES = [
          ("not allowed with argument",)),
     Case("bank-packed-missing", ("bank", "--packed", "--targets", "mnist_5to9", "mnist_0to4", "--method", "bn"), 2,
          ("models/mnist_0to4/bn/adapter.bnnpack", "not found", "run the bn transfer")),
+    Case("bank-states-without-packed", ("bank", "--states", f"{ADAPTER}.bnnpack"), 2,
+         ("--states goes with --packed",)),
+    Case("bank-nothing-named", ("bank", "--packed"), 2,
+         ("name the task states", "--targets", "--states")),
+    Case("bank-state-twice", ("bank", "--packed", "--states", f"{ADAPTER}.bnnpack", f"{ADAPTER}.bnnpack"), 2,
+         ("a task state is named twice", f"{ADAPTER}.bnnpack")),
     Case("bank-zero-swaps", ("bank", "--packed", "--targets", "mnist_5to9", "--swaps", "0"), 2,
          ("--swaps 0", "allowed: an integer >= 1")),
     # --- export: base model files -------------------------------------------------------------

@@ -4,23 +4,19 @@ swapping task states into one resident base, and damaged or mismatched files ref
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
 
 from conftest import backbone_with_bn_stats
 from pipeline.errors import UserError
-from pipeline.nn.adapters import AdapterSpec, TransferNet
-from pipeline.nn.backbones import Arch
+from pipeline.nn.adapters import AdapterSpec
 from pipeline.nn.export import TASK_META, export_packed, read_packed
-from pipeline.nn.pruning import prune_to
 from pipeline.packed import PackedBank, compare, load_packed_net, logits, read_base, read_task
 from pipeline.xnor import BinaryConv, NumpyNet, load_numpy_net, pack_rows
-from test_adapters import _randomise
+from test_adapters import _build
 from test_quant import ARCH, EXPORT_CASES
 
 FP32 = dataclasses.replace(ARCH, precision="fp32")
@@ -48,13 +44,7 @@ def bases(tmp_path_factory):
 def _task(bases, tmp_path, spec: AdapterSpec, prune: float = 0.0, precision: str = "binary", seed: int = 5,
           num_classes: int = 3, name: str = "task"):
     """A finalized task state on the base, exported as the transfer stage does; (net, path)."""
-    base, _ = bases[precision]
-    net = TransferNet(copy.deepcopy(base), spec, num_classes)
-    _randomise(net, seed)
-    if prune:
-        prune_to(net.adapter_convs(), prune, "layer")
-    net.finalize()
-    net.eval()
+    net = _build(bases[precision][0], spec, num_classes, seed, prune)
     meta = {"target": "t", "method": spec.method, "precision": precision, "seed": 0,
             "arch": net.base.arch.to_dict(), "spec": spec.to_dict(), "num_classes": num_classes,
             "classes": list(range(num_classes)), "base_sha256": precision * 8, "dataset_sha256": "d" * 64}

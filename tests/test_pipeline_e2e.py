@@ -109,8 +109,20 @@ def test_bank_runs_from_packed_files(project):
     assert proc.returncode == 0, proc.stderr
     recorded = pd.read_csv(root / "reports/results.csv").query(
         "method == 'parallel' and seed == 0").test_acc.iloc[0]
-    assert f"mnist_5to9: test accuracy {recorded:.4f} (recorded {recorded:.4f})" in proc.stdout
-    assert re.search(r"swap: median [\d.]+ us over 50 swaps", proc.stdout)
+    assert f"(mnist_5to9): test accuracy {recorded:.4f} (recorded {recorded:.4f})" in proc.stdout
+    assert re.search(r"swap: median [\d.]+ us, p99 [\d.]+ us over 50 swaps among 1 task states", proc.stdout)
+    # any task states, named by file: every adapter method, both seeds
+    states = sorted(str(p.relative_to(root)) for m in ("head", "bn", "serial", "parallel")
+                    for p in (root / "models/mnist_5to9" / m).glob("adapter*.bnnpack"))
+    proc = run_in_process(["bank", "--packed", "--states", *states, "--swaps", "80"], root)
+    assert proc.returncode == 0, proc.stderr
+    results = pd.read_csv(root / "reports/results.csv")
+    for state in states:
+        method = Path(state).parent.name
+        seed = 1 if "seed1" in state else 0
+        acc = results.query("method == @method and seed == @seed and precision == 'binary'").test_acc.iloc[0]
+        assert f"{state} (mnist_5to9): test accuracy {acc:.4f} (recorded {acc:.4f})" in proc.stdout
+    assert "over 80 swaps among 8 task states" in proc.stdout
 
 
 def test_mlflow_runs_read_back(project):

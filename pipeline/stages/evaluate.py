@@ -109,38 +109,53 @@ def run_evaluate_packed(params: Params, target: str, task_path: Path, base_path:
     return result
 
 
-def run_bank_packed(params: Params, targets: list[str], method: str, swaps: int = 1000) -> dict:
-    """One base from its packed file and the targets' task states from theirs, swapped in place."""
+def run_bank_packed(params: Params, targets: list[str], method: str, swaps: int = 1000,
+                    states: list[str] | None = None) -> dict:
+    """One base from its packed file and N task states from theirs (each target's `method`, or the
+    given files), swapped in place: accuracy of each, bytes held and stored, swap time."""
+    from pipeline.nn.export import read_header
     from pipeline.packed import PackedBank, full_copy, logits, tensor_bytes
 
+    if states:
+        paths = [Path(s) for s in states]
+        for p in paths:
+            if not p.exists():
+                raise UserError(f"{p}: task state not found")
+    else:
+        paths = [Path("models") / t / method / "adapter.bnnpack" for t in targets]
+        for t, p in zip(targets, paths):
+            if not p.exists():
+                raise UserError(f"{p}: not found; run the {method} transfer for '{t}' first (dvc repro)")
+    names = [str(p) for p in paths]
+    if len(set(names)) != len(names):
+        raise UserError(f"bank: a task state is named twice ({', '.join(sorted({n for n in names if names.count(n) > 1}))})")
     base_path = BASE_DIR / "binary" / "model.bnnpack"
     bank = PackedBank(base_path)
-    stored = {"base": base_path.stat().st_size} if base_path.exists() else {}
-    for target in targets:
-        path = Path("models") / target / method / "adapter.bnnpack"
-        if not path.exists():
-            raise UserError(f"{path}: not found; run the {method} transfer for '{target}' first (dvc repro)")
-        bank.add(target, path)
-        stored[target] = path.stat().st_size
-    for target in targets:
-        data = _packed_data(params, target, bank.task_meta[target], Path("models") / target / method)
-        x, y = data.splits["test"]
-        acc = float((logits(bank.activate(target), x).argmax(1) == y).float().mean())
-        recorded = _recorded(Path("models") / target / method / "adapter.bnnpack", "test")
-        print(f"{target}: test accuracy {acc:.4f} (recorded {'n/a' if recorded is None else f'{recorded:.4f}'})")
-    times = bank.swap_seconds(targets, swaps)
+    for name, path in zip(names, paths):
+        bank.add(name, path)
+    payload = {n: read_header(p)[0]["payload_bytes"] for n, p in zip(["base"] + names, [base_path] + paths)}
+    files = {n: p.stat().st_size for n, p in zip(["base"] + names, [base_path] + paths)}
+    for name, path in zip(names, paths):
+        meta = bank.task_meta[name]
+        x, y = _packed_data(params, meta["target"], meta, path).splits["test"]
+        acc = float((logits(bank.activate(name), x).argmax(1) == y).float().mean())
+        recorded = _recorded(path, "test")
+        print(f"{name} ({meta['target']}): test accuracy {acc:.4f} "
+              f"(recorded {'n/a' if recorded is None else f'{recorded:.4f}'})")
+    times = bank.swap_seconds(names, swaps)
     held = bank.resident_bytes()
-    n = len(targets)
-    full = {t: full_copy(bank.task_meta[t]) for t in targets}  # what full finetuning keeps per target
-    full_stored = sum(memory_report(f).bytes for f in full.values())
-    full_held = sum(tensor_bytes([f]) for f in full.values())
-    tasks_held = sum(held[t] for t in targets)
-    tasks_stored = sum(stored[t] for t in targets)
-    print(f"{n} task states on one base: held in memory {held['base'] + tasks_held:,} B (base {held['base']:,} + "
-          f"tasks {tasks_held:,}); packed files {stored['base'] + tasks_stored:,} B (base {stored['base']:,} + tasks "
-          f"{tasks_stored:,})")
-    print(f"{n} full copies: held {full_held:,} B; stored {full_stored:,.0f} B "
-          f"(one base + {n} task states is {(stored['base'] + tasks_stored) / full_stored:.1%} of it)")
+    full = [full_copy(bank.task_meta[n]) for n in names]  # what full finetuning keeps per task
+    full_stored = sum(memory_report(f).bytes for f in full)
+    full_held = sum(tensor_bytes([f]) for f in full)
+    n = len(names)
+    tasks = lambda d: sum(d[k] for k in names)  # noqa: E731
+    print(f"{n} task states on one base, stored: {payload['base'] + tasks(payload):,} B packed (base "
+          f"{payload['base']:,} + tasks {tasks(payload):,}; files with their headers {files['base'] + tasks(files):,} B)"
+          f" vs {n} full copies {full_stored:,.0f} B: {(payload['base'] + tasks(payload)) / full_stored:.1%}")
+    print(f"held in memory as torch tensors: {held['base'] + tasks(held):,} B (base {held['base']:,} + tasks "
+          f"{tasks(held):,}) vs {n} full copies {full_held:,} B: {(held['base'] + tasks(held)) / full_held:.1%}")
     med = statistics.median(times)
-    print(f"swap: median {med * 1e6:.1f} us over {swaps} swaps (p99 {sorted(times)[int(0.99 * len(times)) - 1] * 1e6:.1f} us)")
-    return {"held": held, "stored": stored, "full_stored": full_stored, "full_held": full_held, "swap_median_s": med}
+    p99 = sorted(times)[max(int(0.99 * len(times)) - 1, 0)]
+    print(f"swap: median {med * 1e6:.1f} us, p99 {p99 * 1e6:.1f} us over {swaps} swaps among {n} task states")
+    return {"held": held, "payload": payload, "files": files, "full_stored": full_stored, "full_held": full_held,
+            "swap_median_s": med}
