@@ -2,8 +2,8 @@
 popcount over 64-bit words, `numpy.bitwise_count`), everything else (stem, adapters, fused BN,
 pooling, head) in float32. No torch arithmetic: torch only decodes the files.
 
-A binary conv's inputs are sign(x) in {-1, +1} and its zero padding contributes 0, so for an output
-position with `valid` in-image inputs: sum(a * w) = valid - 2 * popcount((a XOR w) AND valid).
+A binary conv's inputs are sign(x) in {-1, +1}: over K inputs sum(a * w) = K - 2 * popcount(a XOR w)
+with bit 1 for +1; its zero padding contributes 0, which a per-border correction restores.
 """
 
 from __future__ import annotations
@@ -38,24 +38,39 @@ def _patches(x: np.ndarray, k: int = 3, pad: int = 1) -> tuple[np.ndarray, tuple
 
 
 class BinaryConv:
-    """3x3, stride 1, padding 1 conv of sign(x) with +-1 weights, on packed bits."""
+    """3x3, stride 1, padding 1 conv of sign(x) with +-1 weights, on packed bits.
 
-    def __init__(self, weight: np.ndarray, chunk: int = 4096):
-        self.cout = weight.shape[0]
-        self.w = pack_rows(weight.reshape(self.cout, -1) >= 0)  # (Cout, words)
+    The padding is packed as -1 like any other 0 bit, which adds (-1) * w for every padded tap;
+    a per-border correction (the sums of w over the kernel's outer rows and columns) takes it out."""
+
+    def __init__(self, weight: np.ndarray, chunk: int = 8192):
+        s = np.where(weight >= 0, 1, -1).astype(np.int32)  # (Cout, Cin, 3, 3)
+        self.cout, self.k = s.shape[0], s[0].size
+        self.w = pack_rows(s.reshape(self.cout, -1) > 0)  # (Cout, words)
+        self.rows, self.cols, self.taps = s.sum(axis=(1, 3)), s.sum(axis=(1, 2)), s.sum(axis=1)
         self.chunk = chunk
 
+    def _padding(self, ho: int, wo: int) -> np.ndarray:
+        """(ho, wo, Cout): sum of w over the taps that fall in the padding at each output position."""
+        c = np.zeros((ho, wo, self.cout), dtype=np.int32)
+        c[0] += self.rows[:, 0]
+        c[-1] += self.rows[:, 2]
+        c[:, 0] += self.cols[:, 0]
+        c[:, -1] += self.cols[:, 2]
+        for i, j in ((0, 0), (0, -1), (-1, 0), (-1, -1)):  # a corner tap is in one row and one column
+            c[i, j] -= self.taps[:, 2 * (i != 0), 2 * (j != 0)]
+        return c
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        s = np.where(x >= 0, np.int8(1), np.int8(-1))
-        p, (n, ho, wo) = _patches(s)  # 0 where the padding is
-        a, valid = pack_rows(p > 0), pack_rows(p != 0)
-        out = np.empty((len(p), self.cout), dtype=np.float32)
-        for i in range(0, len(p), self.chunk):
-            ai, vi = a[i: i + self.chunk, None, :], valid[i: i + self.chunk, None, :]
-            differ = np.bitwise_count((ai ^ self.w[None]) & vi).sum(-1, dtype=np.int32)
-            n_valid = np.bitwise_count(valid[i: i + self.chunk]).sum(-1, dtype=np.int32)
-            out[i: i + self.chunk] = n_valid[:, None] - 2 * differ
-        return out.reshape(n, ho, wo, self.cout).transpose(0, 3, 1, 2)
+        p, (n, ho, wo) = _patches(x >= 0)  # the padding reads False, i.e. -1
+        a = pack_rows(p)
+        differ = np.zeros((len(a), self.cout), dtype=np.int32)
+        for i in range(0, len(a), self.chunk):
+            block = differ[i: i + self.chunk]
+            for word in range(a.shape[1]):  # XOR then popcount, one 64-bit word of every patch at a time
+                block += np.bitwise_count(a[i: i + self.chunk, word, None] ^ self.w[None, :, word])
+        out = (self.k - 2 * differ).reshape(n, ho, wo, self.cout) + self._padding(ho, wo)
+        return out.transpose(0, 3, 1, 2).astype(np.float32)
 
 
 def float_conv3(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
