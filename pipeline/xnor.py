@@ -14,6 +14,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from pipeline.errors import UserError
+from pipeline.packed import check_pair, default_base, read_base, read_task
 
 # bnn_vgg_small's features (pipeline.nn.backbones), in order: what each index is.
 VGG_SMALL = ["stem", "bn", "block", "pool", "block", "block", "pool", "block", "pool", "block"]
@@ -148,8 +149,6 @@ class NumpyNet:
 
 
 def load_numpy_net(task_path: Path, base_path: Path | None = None) -> NumpyNet:
-    from pipeline.packed import check_pair, default_base, read_base, read_task
-
     task_meta, task_tensors = read_task(task_path)
     base_path = Path(base_path) if base_path else default_base(task_meta)
     base_meta, base_tensors = read_base(base_path)

@@ -3,6 +3,7 @@ serving several targets by swapping adapters); with --packed, both run from the 
 
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 
@@ -23,13 +24,20 @@ def _target_data(params: Params, target: str) -> PreparedData:
     return PreparedData(PREPARED / target, 1)
 
 
+def trained_net(adapter: Path, config: dict | None = None, tensors: dict | None = None):
+    """The network as training saved it: the adapter file on its base checkpoint."""
+    if config is None:
+        config, tensors = read_adapter(adapter)
+    base_file = BASE_DIR / config.get("precision", "binary") / "model.pt"
+    return apply_adapter(load_base(base_file), sha256(base_file), config, tensors, source=str(adapter))
+
+
 def run_evaluate(params: Params, target: str, adapter: Path, split: str = "test") -> float:
     config, tensors = read_adapter(adapter)
     data = _target_data(params, target)
     if config.get("dataset_sha256") != data.manifest["sha256"]:
         raise UserError(f"{adapter}: trained on target '{config.get('target')}', not on '{target}' as prepared now")
-    base_file = BASE_DIR / config.get("precision", "binary") / "model.pt"
-    net = apply_adapter(load_base(base_file), sha256(base_file), config, tensors, source=str(adapter))
+    net = trained_net(adapter, config, tensors)
     acc = accuracy(net, *data.splits[split])
     recorded = config.get("metrics", {}).get(f"{split}_acc")
     print(f"{target} {split} accuracy {acc:.4f} (recorded {recorded if recorded is None else f'{recorded:.4f}'})")
@@ -67,46 +75,50 @@ def _packed_data(params: Params, target: str, meta: dict, source: Path) -> Prepa
 
 def _recorded(task_path: Path, split: str):
     """The accuracy the transfer stage recorded beside the packed file (its .json), if any."""
-    import json
-
-    js = task_path.with_suffix(".json")
     try:
-        return json.loads(js.read_text()).get("metrics", {}).get(f"{split}_acc")
+        return json.loads(task_path.with_suffix(".json").read_text()).get("metrics", {}).get(f"{split}_acc")
     except (OSError, ValueError):
         return None
 
 
-def run_evaluate_packed(params: Params, target: str, task_path: Path, base_path: Path | None, split: str = "test",
-                        compare_to: str | None = None) -> dict:
-    """Base + task state from their packed files only; optionally the same images through the
-    trained network (`trained`: safetensors + checkpoint) and the numpy XNOR path (`numpy`)."""
+def check_packed(params: Params, task_path: Path, base_path: Path | None = None, target: str | None = None,
+                 split: str = "test", against: tuple[str, ...] = ()) -> dict:
+    """Base + task state from their packed files only, on `split` of its target: accuracy, the one
+    recorded beside it, and for each of `against` (`trained`: safetensors + checkpoint; `numpy`:
+    the XNOR path) the same images compared (images, argmax mismatches, largest logit difference)."""
     from pipeline.packed import compare, default_base, load_packed_net, logits
 
     task_path = Path(task_path)
     net, meta = load_packed_net(task_path, base_path)
     base_path = base_path or default_base(meta)
-    data = _packed_data(params, target, meta, task_path)
-    x, y = data.splits[split]
+    target = target or meta["target"]
+    x, y = _packed_data(params, target, meta, task_path).splits[split]
     out = logits(net, x)
-    acc = float((out.argmax(1) == y).float().mean())
-    recorded = _recorded(task_path, split)
-    print(f"{target} {split} accuracy {acc:.4f} from {task_path} + {base_path} "
-          f"(recorded {'n/a' if recorded is None else f'{recorded:.4f}'})")
-    result = {"accuracy": acc, "recorded": recorded}
-    for other in ([compare_to] if compare_to else []):
+    correct = int((out.argmax(1) == y).sum())
+    result = {"target": target, "base": base_path, "images": len(y), "correct": correct,
+              "accuracy": correct / max(len(y), 1), "recorded": _recorded(task_path, split)}
+    for other in against:
         if other == "trained":
-            config, tensors = read_adapter(task_path.with_suffix(""))
-            base_file = BASE_DIR / config.get("precision", "binary") / "model.pt"
-            ref = logits(apply_adapter(load_base(base_file), sha256(base_file), config, tensors, str(task_path)), x)
+            ref = logits(trained_net(task_path.with_suffix("")), x)
         else:
             from pipeline.xnor import load_numpy_net
 
             ref = torch.from_numpy(load_numpy_net(task_path, base_path)(x.numpy()))
-        c = compare(out, ref)
-        print(f"  vs {other}: {c['images']} images, {c['mismatches']} argmax mismatches, "
-              f"largest logit difference {c['max_logit_diff']:.3g}")
-        result[other] = c
+        result[other] = compare(out, ref)
     return result
+
+
+def run_evaluate_packed(params: Params, target: str, task_path: Path, base_path: Path | None, split: str = "test",
+                        compare_to: str | None = None) -> dict:
+    r = check_packed(params, task_path, base_path, target, split, (compare_to,) if compare_to else ())
+    recorded = r["recorded"]
+    print(f"{target} {split} accuracy {r['accuracy']:.4f} from {task_path} + {r['base']} "
+          f"(recorded {'n/a' if recorded is None else f'{recorded:.4f}'})")
+    if compare_to:
+        c = r[compare_to]
+        print(f"  vs {compare_to}: {c['images']} images, {c['mismatches']} argmax mismatches, "
+              f"largest logit difference {c['max_logit_diff']:.3g}")
+    return r
 
 
 def run_bank_packed(params: Params, targets: list[str], method: str, swaps: int = 1000,
