@@ -52,6 +52,10 @@ def test_sweep_and_report_outputs(project):
     assert sweep["complete"] == 2 and 1 <= sweep["pareto_size"] <= 2
     trials = pd.read_csv(root / "reports/sweep/mnist_5to9/trials.csv")
     assert (trials.state == "COMPLETE").sum() == 2
+    done = trials[trials.state == "COMPLETE"]
+    # sweep.max_epochs 1: an unpruned trial's one epoch is its cap, and one epoch is always "still improving"
+    assert sweep["trials_hit_cap_improving"] == int(done.hit_cap_improving.sum())
+    assert sweep["trials_hit_cap_improving"] >= int((done.prune_amount == 0).sum())
     report = (root / "reports/report.md").read_text()
     for heading in ("## 1. Accuracy", "## 2. Training time", "## 3. Size", "## Where the time goes"):
         assert heading in report

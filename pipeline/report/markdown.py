@@ -181,6 +181,7 @@ def sweep_table(inputs: Inputs) -> pd.DataFrame:
     for t in sorted(inputs.pareto):
         m = inputs.metrics.get(f"sweep_{t}", {})
         rows.append({"target": t, "complete trials": m.get("complete"), "failed": m.get("failed"),
+                     "trials at cap, improving": m.get("trials_hit_cap_improving", "n/a"),
                      "Pareto points": m.get("pareto_size"), "seeds each": m.get("seeds"),
                      "memory range": f"{m.get('memory_pct_min', float('nan')):.1f}-{m.get('memory_pct_max', float('nan')):.1f}%"
                      if m.get("memory_pct_min") is not None else "n/a",
@@ -208,7 +209,9 @@ def protocol_lines(inputs: Inputs) -> list[str]:
         m = inputs.metrics.get(f"sweep_{t}", {})
         lines.append(f"- Sweep on {t}: {m.get('complete')} trials (own lr dimension, single seed, val only; the "
                      f"smallest and largest configuration of each adapter type first); its {len(p)} Pareto points "
-                     f"retrained on every seed at the arms' budget.")
+                     f"retrained on every seed at the arms' budget"
+                     + (f"; {m['trials_hit_cap_improving']} trials stopped at their cap still improving (their "
+                        f"single-seed score understates them)." if m.get("trials_hit_cap_improving") else "."))
     cfg = per_config(r)
     if "lr_grid" in cfg:
         edge = [f"{c.target}/{c.method}" + ("" if c.precision == "binary" else f" ({c.precision})")

@@ -115,6 +115,7 @@ def summarise(params: Params, study, target: str, name: str, folder: Path, paren
     hv = {split: hypervolume(list(zip(pareto[f"{split}_acc"], pareto.memory_pct)), s.reference_accuracy,
                              s.reference_memory_pct) if len(pareto) else 0.0 for split in ("val", "test")}
     states = trials.state.value_counts().to_dict()
+    done = trials[trials.state == "COMPLETE"] if len(trials) else trials
     metrics = {
         "study": name,
         "complete": int(states.get("COMPLETE", 0)),
@@ -127,6 +128,8 @@ def summarise(params: Params, study, target: str, name: str, folder: Path, paren
         "memory_pct_min": round(float(pareto.memory_pct.min()), 4) if len(pareto) else None,
         "memory_pct_max": round(float(pareto.memory_pct.max()), 4) if len(pareto) else None,
         "hit_cap_improving": int(runs.hit_cap_improving.sum()) if len(runs) else 0,
+        # trials stopped while still improving score low for their budget, not their configuration
+        "trials_hit_cap_improving": int(done.hit_cap_improving.fillna(False).astype(bool).sum()) if len(done) else 0,
     }
     metrics["wall_time_s"] = round(time.perf_counter() - t0, 3)
     write_json(METRICS_DIR / f"sweep_{target}.json", metrics)
@@ -137,7 +140,8 @@ def summarise(params: Params, study, target: str, name: str, folder: Path, paren
     for f in ("trials.csv", "pareto.csv", "pareto_runs.csv", "pareto.png"):
         c.log_artifact(parent, str(folder / f))
     print(f"sweep {target} ({name}): {metrics['complete']} complete, {metrics['failed']} failed, "
-          f"Pareto set {len(pareto)} retrained on {len(params.seeds)} seeds, hypervolume (val) {hv['val']:.4f}")
+          f"Pareto set {len(pareto)} retrained on {len(params.seeds)} seeds, hypervolume (val) {hv['val']:.4f}, "
+          f"{metrics['trials_hit_cap_improving']} trials stopped at the cap still improving")
     for _, r in pareto.iterrows():
         print(f"  trial {int(r.number):3d} {r.method:8s} memory {r.memory_pct:6.2f}% val {r.val_acc:.4f} "
               f"± {r.val_acc_ci:.4f} test {r.test_acc:.4f} ± {r.test_acc_ci:.4f}")
