@@ -208,6 +208,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         return exc.exit_code
     except Exception as exc:
         # A tracking server or database that cannot be reached is the environment, not a bug: one line, exit 1.
+        # Lightning refusing the hardware settings (an accelerator this machine lacks) is the params.
+        if type(exc).__name__ == "MisconfigurationException" and type(exc).__module__.startswith("lightning"):
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            print(f"error: trainer: {first[:300]} (set trainer.accelerator, devices, strategy in params.yaml)",
+                  file=sys.stderr)
+            return 2
         if type(exc).__module__.split(".")[0] in ("mlflow", "requests", "urllib3", "sqlalchemy", "psycopg"):
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             print(f"error: {type(exc).__name__}: {first[:300]}", file=sys.stderr)

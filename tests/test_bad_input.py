@@ -204,6 +204,9 @@ CASES = [
          params=setp("trainer.precision", "banana")),
     Case("trainer-accelerator-not-allowed", T59, 2, ("trainer.accelerator", "allowed"),
          params=setp("trainer.accelerator", "tpu9")),
+    # an accelerator this machine lacks (Lightning's MisconfigurationException; no Linux machine has MPS)
+    Case("trainer-accelerator-absent", T59, 2, ("trainer:", "MPS", "trainer.accelerator"),
+         params=setp("trainer.accelerator", "mps")),
     # --- params: pretrain.optim ---------------------------------------------------------------
     Case("pretrain-optim-wrong-type", R, 2, ("pretrain.optim.lr", "wrong type", "allowed: a number"),
          params=setp("pretrain.optim.lr", "fast")),
