@@ -409,8 +409,8 @@ def test_protocol_lists_seeds_lr_grid_head_bits_sweeps_and_flagged_runs(rendered
         "- Every new head (head, BN thresholds, serial, parallel) is stored at 8-bit weights (bias float32); full "
         "finetuning keeps its float head in its whole copy.",
         "- Sweep on tA: 9 trials (own lr dimension, single seed, val only; the smallest and largest configuration "
-        "of each adapter type first); its 4 Pareto points retrained on every seed at the arms' budget; 2 trials "
-        "stopped at their cap still improving (their single-seed score understates them).",
+        "of each adapter type first); its 4 Pareto points retrained on every seed at the arms' budget; trials "
+        "stopped at their cap still improving (single-seed scores that understate them): 2.",
         "- Sweep on tB: 4 trials (own lr dimension, single seed, val only; the smallest and largest configuration "
         "of each adapter type first); its 2 Pareto points retrained on every seed at the arms' budget.",
         "- Chosen lr at an end of its grid (the best lr may lie outside it): tA/bn, tA/full (fp32), tA/head, "

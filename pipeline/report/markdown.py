@@ -210,8 +210,8 @@ def protocol_lines(inputs: Inputs) -> list[str]:
         lines.append(f"- Sweep on {t}: {m.get('complete')} trials (own lr dimension, single seed, val only; the "
                      f"smallest and largest configuration of each adapter type first); its {len(p)} Pareto points "
                      f"retrained on every seed at the arms' budget"
-                     + (f"; {m['trials_hit_cap_improving']} trials stopped at their cap still improving (their "
-                        f"single-seed score understates them)." if m.get("trials_hit_cap_improving") else "."))
+                     + (f"; trials stopped at their cap still improving (single-seed scores that understate "
+                        f"them): {m['trials_hit_cap_improving']}." if m.get("trials_hit_cap_improving") else "."))
     cfg = per_config(r)
     if "lr_grid" in cfg:
         edge = [f"{c.target}/{c.method}" + ("" if c.precision == "binary" else f" ({c.precision})")
