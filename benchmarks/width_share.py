@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from pipeline.config import load_params
 from pipeline.nn.adapters import AdapterSpec, TransferNet
 from pipeline.nn.backbones import Arch, build_backbone
@@ -40,7 +38,6 @@ def main() -> None:
     args = ap.parse_args()
     params = load_params()
     m, d = params.model, params.data
-    torch.manual_seed(0)
     print("| width | base KiB | task state | task KiB | % of base | "
           + " | ".join(f"{c.removeprefix('mem_').removesuffix('_bytes')} %" for c in BREAKDOWN_COLUMNS) + " |")
     print("|---|---|---|---|---|" + "---|" * len(BREAKDOWN_COLUMNS))

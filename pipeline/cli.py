@@ -207,16 +207,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except Exception as exc:
-        # A tracking server or database that cannot be reached is the environment, not a bug: one line, exit 1.
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         # Lightning refusing the hardware settings (an accelerator this machine lacks) is the params.
         if type(exc).__name__ == "MisconfigurationException" and type(exc).__module__.startswith("lightning"):
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            print(f"error: trainer: {first[:300]} (set trainer.accelerator, devices, strategy in params.yaml)",
-                  file=sys.stderr)
+            print(f"error: trainer: {first} (set trainer.accelerator, devices, strategy in params.yaml)", file=sys.stderr)
             return 2
+        # A tracking server or database that cannot be reached is the environment, not a bug: one line, exit 1.
         if type(exc).__module__.split(".")[0] in ("mlflow", "requests", "urllib3", "sqlalchemy", "psycopg"):
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            print(f"error: {type(exc).__name__}: {first[:300]}", file=sys.stderr)
+            print(f"error: {type(exc).__name__}: {first}", file=sys.stderr)
             return 1
         raise
     return 0
