@@ -15,7 +15,8 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from pipeline.config import BASE_DIR, METRICS_DIR, PREPARED, Adapter, load_params
+from pipeline.config import Adapter, load_params
+from pipeline.paths import METRICS_DIR, base_checkpoint, prepared
 from pipeline.console import quiet
 from pipeline.nn.binary import storage_bits
 from pipeline.nn.checkpoint import load_base
@@ -28,7 +29,7 @@ def by_hand(bits, bn_bits: int, head_bits: int, classes: int) -> float:
     """Bytes of the task state, from the base's block widths alone: per block, cin * cout weights
     at `bits`, cout scales and 2 * cout fused BN values at `bn_bits`; the head's k-bit weights, one
     float32 scale per class and a float32 bias."""
-    base = load_base(BASE_DIR / "binary" / "model.pt")
+    base = load_base(base_checkpoint("binary"))
     bits_total = 0
     for block in base.blocks:
         cin, cout = block.conv.in_channels, block.conv.out_channels
@@ -46,7 +47,7 @@ def main() -> None:
     quiet()
     p = load_params()
     lr = json.loads((METRICS_DIR / f"transfer_{args.target}_parallel.json").read_text())["lr"]
-    classes = PreparedData(PREPARED / args.target, 1).num_classes
+    classes = PreparedData(prepared(args.target), 1).num_classes
     out = Path(tempfile.mkdtemp(prefix="bits_table-"))
     print(f"target {args.target}, parallel, groups 1, placement all, bn_bits {p.adapter.bn_bits}, head "
           f"{p.transfer.head_bits}-bit, lr {lr:g} (the default run's choice for parallel), seeds {p.seeds}\n")

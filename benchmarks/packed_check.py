@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pipeline.config import load_params
 from pipeline.console import quiet
+from pipeline.paths import MODELS, SWEEP_DIR
 from pipeline.stages.evaluate import check_packed
 
 
@@ -25,7 +26,7 @@ def main() -> None:
     quiet()
     params = load_params("params.yaml")
     against = ("trained",) if args.no_numpy else ("trained", "numpy")
-    files = sorted(Path("models").glob("*/*/adapter*.bnnpack")) + sorted(Path("reports/sweep").glob("*/pareto/*.bnnpack"))
+    files = sorted(MODELS.glob("*/*/adapter*.bnnpack")) + sorted(SWEEP_DIR.glob("*/pareto/*.bnnpack"))
     total = {"files": 0, "images": 0, "trained": 0, "numpy": 0, "acc": 0}
     worst = {"trained": 0.0, "numpy": 0.0}
     print("| task state | images | accuracy (recorded) | mismatches vs trained | max logit diff | "

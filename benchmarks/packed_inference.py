@@ -21,7 +21,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline.config import PREPARED  # noqa: E402
+from pipeline.paths import prepared  # noqa: E402
 from pipeline.packed import load_packed_net  # noqa: E402
 from pipeline.train.datamodule import PreparedData  # noqa: E402
 from pipeline.xnor import load_numpy_net  # noqa: E402
@@ -46,7 +46,7 @@ def main() -> None:
     torch.set_num_threads(1)
     net, meta = load_packed_net(Path(args.task))
     fast = load_numpy_net(Path(args.task))
-    x, _ = PreparedData(PREPARED / meta["target"], 1).splits["test"]
+    x, _ = PreparedData(prepared(meta["target"]), 1).splits["test"]
     x = torch.cat([x] * (-(-256 // len(x))))[:256] if len(x) < 256 else x[:256]
     xn = x.numpy()
 

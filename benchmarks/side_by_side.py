@@ -22,13 +22,14 @@ def epochs(threads: int, target: str, precision: str, n: int) -> list[float]:
     sys.path.insert(0, str(HERE))
     from throughput import plain_epochs
 
-    from pipeline.config import PREPARED, load_params
+    from pipeline.config import load_params
+    from pipeline.paths import prepared
     from pipeline.nn.backbones import Arch, build_backbone
     from pipeline.train.datamodule import PreparedData
 
     torch.set_num_threads(threads)
     p = load_params()
-    data = PreparedData(PREPARED / target, p.transfer.optim.batch_size, 0, 0)
+    data = PreparedData(prepared(target), p.transfer.optim.batch_size, 0, 0)
     arch = Arch(p.model.name, precision, data.num_classes, p.data.channels, p.data.input_size, p.model.width)
     torch.manual_seed(0)
     return plain_epochs(build_backbone(arch), data.train_dataloader(), 0.005, n)

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import PREPARED, load_params
+from pipeline.config import load_params
+from pipeline.paths import prepared
 from pipeline.nn.backbones import Arch, build_backbone
 from pipeline.nn.binary import clip_latent_weights
 from pipeline.train.datamodule import PreparedData
@@ -51,7 +52,7 @@ def main() -> None:
                      tracking=replace(params.tracking, uri=f"sqlite:///{tmp}/mlflow.db"))
     # patience past the cap: the benchmark times every epoch, early stopping must not end it
     o = replace(params.pretrain.optim, scheduler="none", max_epochs=args.epochs, patience=args.epochs + 1)
-    data = PreparedData(PREPARED / params.pretrain.source, o.batch_size, 0, 0)
+    data = PreparedData(prepared(params.pretrain.source), o.batch_size, 0, 0)
     n = len(data.splits["train"][1])
     arch = Arch(params.model.name, args.precision, data.num_classes, params.data.channels,
                 params.data.input_size, params.model.width)

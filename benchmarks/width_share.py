@@ -14,21 +14,21 @@ from __future__ import annotations
 import argparse
 
 from pipeline.config import load_params
-from pipeline.nn.adapters import AdapterSpec, TransferNet
+from pipeline.nn.adapters import TaskSpec, TransferNet
 from pipeline.nn.backbones import Arch, build_backbone
 from pipeline.nn.memory import BREAKDOWN_COLUMNS, breakdown, memory_report, storage_plan
 
 
-def configs(params) -> list[tuple[str, AdapterSpec]]:
+def configs(params) -> list[tuple[str, TaskSpec]]:
     a, hb = params.adapter, params.transfer.head_bits
     default = dict(groups=a.groups, reduction=a.reduction, placement=a.placement, task_bn=a.task_bn, bits=a.bits,
                    head_bits=hb, bn_bits=a.bn_bits)
-    return [("head", AdapterSpec("head", head_bits=hb)),
-            ("bn", AdapterSpec("bn", head_bits=hb, bn_bits=a.bn_bits)),
-            ("serial (default)", AdapterSpec("serial", **default)),
-            ("parallel (default)", AdapterSpec("parallel", **default)),
-            ("parallel g32 last:1 1-bit", AdapterSpec("parallel", 32, 1, "last:1", False, 1, hb, a.bn_bits)),
-            ("parallel g1 all 32-bit +task BN", AdapterSpec("parallel", 1, 1, "all", True, 32, hb, a.bn_bits))]
+    return [("head", TaskSpec("head", head_bits=hb)),
+            ("bn", TaskSpec("bn", head_bits=hb, bn_bits=a.bn_bits)),
+            ("serial (default)", TaskSpec("serial", **default)),
+            ("parallel (default)", TaskSpec("parallel", **default)),
+            ("parallel g32 last:1 1-bit", TaskSpec("parallel", 32, 1, "last:1", False, 1, hb, a.bn_bits)),
+            ("parallel g1 all 32-bit +task BN", TaskSpec("parallel", 1, 1, "all", True, 32, hb, a.bn_bits))]
 
 
 def main() -> None:

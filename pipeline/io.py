@@ -1,7 +1,8 @@
-"""Small file helpers shared by stages."""
+"""Small file helpers shared by the layers."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -18,3 +19,14 @@ def write_json(path: Path, data: Any) -> None:
         json.dump(data, f, indent=2, sort_keys=False)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def sha256(data: bytes | str | Path | Any, *, length: int | None = None) -> str:
+    """The one sha256 helper: of a file (a Path), of bytes, or of any JSON-able value (sorted
+    keys, so equal settings give equal digests); `length` truncates the hex digest."""
+    if isinstance(data, Path):
+        data = data.read_bytes()
+    elif not isinstance(data, (bytes, bytearray)):
+        data = json.dumps(data, sort_keys=True, default=str).encode()
+    digest = hashlib.sha256(data).hexdigest()
+    return digest[:length] if length else digest

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from pipeline.config import BASE_DIR
+from pipeline.paths import base_packed
 from pipeline.errors import UserError
-from pipeline.nn.adapters import AdapterSpec, TransferNet
+from pipeline.nn.adapters import TaskSpec, TransferNet
 from pipeline.nn.backbones import Arch, Backbone, build_backbone
 from pipeline.nn.export import TASK_META, load_tensors_into, read_packed
 from pipeline.nn.memory import storage_plan
@@ -65,7 +65,7 @@ def task_net(base: Backbone, task_path: Path, task: tuple[dict, Tensors]) -> Tra
     """`base` (loaded from its packed file; modified in place) with the task state attached."""
     meta, tensors = task
     try:
-        spec = AdapterSpec(**meta["spec"])
+        spec = TaskSpec(**meta["spec"])
     except TypeError as exc:
         raise UserError(f"{task_path}: its spec does not name a task state ({exc})") from None
     net = TransferNet(base, spec, int(meta["num_classes"]))
@@ -75,7 +75,7 @@ def task_net(base: Backbone, task_path: Path, task: tuple[dict, Tensors]) -> Tra
 
 
 def default_base(task_meta: dict) -> Path:
-    return BASE_DIR / task_meta["precision"] / "model.bnnpack"
+    return base_packed(task_meta["precision"])
 
 
 def load_packed_net(task_path: Path, base_path: Path | None = None) -> tuple[TransferNet, dict]:
@@ -113,7 +113,7 @@ def tensor_bytes(modules) -> int:
 
 def full_copy(task_meta: dict) -> TransferNet:
     """The network full finetuning would keep for this task (its layout; for counting bytes)."""
-    return TransferNet(build_backbone(Arch(**task_meta["arch"])), AdapterSpec("full"), int(task_meta["num_classes"]))
+    return TransferNet(build_backbone(Arch(**task_meta["arch"])), TaskSpec("full"), int(task_meta["num_classes"]))
 
 
 class PackedBank:

@@ -22,7 +22,7 @@ from pipeline.config import Optim, parse_params
 from pipeline.data.prepare import prepare_dataset
 from pipeline.errors import UserError
 from pipeline.nn.adapter_io import AdapterBank, apply_adapter, read_adapter, save_adapter
-from pipeline.nn.adapters import (FUSED_EPS, Adapter, AdapterConv, AdapterSpec, QuantLinear, TransferNet,
+from pipeline.nn.adapters import (FUSED_EPS, ResidualAdapter, AdapterConv, TaskSpec, QuantLinear, TransferNet,
                                   resolve_placement)
 from pipeline.nn.backbones import Arch
 from pipeline.nn.checkpoint import load_base, save_base
@@ -55,8 +55,8 @@ def _x(n=4, seed=7, size=12):
     return torch.randn(n, 1, size, size, generator=torch.Generator().manual_seed(seed)) * 1.5
 
 
-def _adapters(net: TransferNet) -> list[Adapter]:
-    return [m for m in net.modules() if isinstance(m, Adapter)]
+def _adapters(net: TransferNet) -> list[ResidualAdapter]:
+    return [m for m in net.modules() if isinstance(m, ResidualAdapter)]
 
 
 def _one_line(exc: pytest.ExceptionInfo) -> str:
@@ -75,7 +75,7 @@ def _one_line(exc: pytest.ExceptionInfo) -> str:
 @pytest.mark.parametrize("method", ["serial", "parallel"])
 def test_identity_at_init(vgg_base, method, placement, blocks, groups, reduction, bits):
     reference = copy.deepcopy(vgg_base).eval()
-    net = TransferNet(copy.deepcopy(vgg_base), AdapterSpec(method, groups, reduction, placement, bits=bits), 5)
+    net = TransferNet(copy.deepcopy(vgg_base), TaskSpec(method, groups, reduction, placement, bits=bits), 5)
     net.eval()
     assert [i for i, b in enumerate(net.base.blocks) if b.adapter is not None] == blocks
     assert len(_adapters(net)) == len(blocks)
@@ -93,7 +93,7 @@ def test_identity_at_init_in_train_mode_keeps_base_bn_frozen(vgg_base, method):
     # train(): the base BNs stay in eval (running statistics), BN_a normalises with batch
     # statistics but its gamma is 0, so the features are still exactly the base's.
     reference = copy.deepcopy(vgg_base).eval()
-    net = TransferNet(copy.deepcopy(vgg_base), AdapterSpec(method, 2, 2, "all", bits=4), 5)
+    net = TransferNet(copy.deepcopy(vgg_base), TaskSpec(method, 2, 2, "all", bits=4), 5)
     net.train()
     base_bns = [m for n, m in net.named_modules() if isinstance(m, nn.BatchNorm2d) and ".adapter" not in n]
     assert len(base_bns) == 6 and not any(m.training for m in base_bns)
@@ -114,7 +114,7 @@ def test_grouped_adapter_conv_weight_count():
 
 
 def test_serial_adapter_reduction_and_groups_count():
-    a = Adapter("serial", 64, 64, stride=1, groups=4, reduction=2, bits=32)
+    a = ResidualAdapter("serial", 64, 64, stride=1, groups=4, reduction=2, bits=32)
     # 64 -> 32 and 32 -> 64, both in groups of 4, then BN_a over 64 channels (gamma, beta)
     assert [c.weight.numel() for c in a.convs] == [64 * 32 // 4, 32 * 64 // 4] == [512, 512]
     assert a.bn.weight.numel() + a.bn.bias.numel() == 2 * 64
@@ -123,7 +123,7 @@ def test_serial_adapter_reduction_and_groups_count():
 
 def test_parallel_adapter_reads_block_input_channels():
     # parallel: the 1x1 conv sees the block input (32 channels), output 64, reduction 2 -> mid 32
-    a = Adapter("parallel", 32, 64, stride=2, groups=4, reduction=2, bits=32)
+    a = ResidualAdapter("parallel", 32, 64, stride=2, groups=4, reduction=2, bits=32)
     assert [(c.in_channels, c.out_channels) for c in a.convs] == [(32, 32), (32, 64)]
     assert sum(p.numel() for p in a.parameters()) == 32 * 32 // 4 + 32 * 64 // 4 + 2 * 64 == 896
 
@@ -158,7 +158,7 @@ def bireal_base():
 
 @pytest.mark.parametrize("reduction", [1, 2])
 def test_parallel_adapters_take_block_stride(bireal_base, reduction):
-    net = TransferNet(copy.deepcopy(bireal_base), AdapterSpec("parallel", reduction=reduction, placement="all"), 4)
+    net = TransferNet(copy.deepcopy(bireal_base), TaskSpec("parallel", reduction=reduction, placement="all"), 4)
     blocks = net.base.blocks
     assert len(blocks) == 16
     # the first conv of stages 2-4 has stride 2 (blocks 4, 8, 12)
@@ -178,7 +178,7 @@ def test_parallel_adapters_take_block_stride(bireal_base, reduction):
 
 
 def test_serial_adapters_have_stride_one(bireal_base):
-    net = TransferNet(copy.deepcopy(bireal_base), AdapterSpec("serial", reduction=2, placement="all"), 4)
+    net = TransferNet(copy.deepcopy(bireal_base), TaskSpec("serial", reduction=2, placement="all"), 4)
     convs = net.adapter_convs()
     assert len(convs) == 32
     assert all(c.stride == (1, 1) for c in convs)
@@ -202,7 +202,7 @@ def test_serial_adapters_have_stride_one(bireal_base):
 ])
 def test_groups_that_do_not_divide_are_user_errors(vgg_base, method, groups, reduction, placement):
     with pytest.raises(UserError) as exc:
-        TransferNet(copy.deepcopy(vgg_base), AdapterSpec(method, groups, reduction, placement), 3)
+        TransferNet(copy.deepcopy(vgg_base), TaskSpec(method, groups, reduction, placement), 3)
     assert f"groups={groups}" in _one_line(exc)
 
 
@@ -212,7 +212,7 @@ def test_groups_that_do_not_divide_are_user_errors(vgg_base, method, groups, red
     ("parallel", 2, 2, "all"),      # widths (in, out, mid) 4,4,2 / 4,8,4 / 8,8,4 / 8,16,8 / 16,16,8
 ])
 def test_groups_that_divide_are_accepted(vgg_base, method, groups, reduction, placement):
-    net = TransferNet(copy.deepcopy(vgg_base), AdapterSpec(method, groups, reduction, placement), 3)
+    net = TransferNet(copy.deepcopy(vgg_base), TaskSpec(method, groups, reduction, placement), 3)
     assert net.adapter_convs() and all(c.groups == groups for c in net.adapter_convs())
 
 
@@ -220,7 +220,7 @@ def test_groups_that_divide_are_accepted(vgg_base, method, groups, reduction, pl
                                        [1, 1]])
 def test_bad_placements_are_user_errors(vgg_base, placement):
     with pytest.raises(UserError) as exc:
-        TransferNet(copy.deepcopy(vgg_base), AdapterSpec("serial", placement=placement), 3)
+        TransferNet(copy.deepcopy(vgg_base), TaskSpec("serial", placement=placement), 3)
     assert "placement" in _one_line(exc)
     with pytest.raises(UserError):
         resolve_placement(placement, 5)
@@ -332,7 +332,7 @@ def test_training_serial_adapters_leaves_base_bit_identical(saved_base, toy_task
     before = _base_hashes(base)
     # stem conv + 5 block convs, and 6 BNs with weight, bias, running_mean, running_var, count
     assert len(before) == 6 + 6 * 5
-    net = TransferNet(base, AdapterSpec("serial", task_bn=False), 3)
+    net = TransferNet(base, TaskSpec("serial", task_bn=False), 3)
     task_before = _task_values(net)
     result = _fit(toy_task, net, f"frozen-{mode}", monkeypatch)
     assert 0.0 <= result.val_acc <= 1.0
@@ -350,7 +350,7 @@ def test_training_serial_adapters_leaves_base_bit_identical(saved_base, toy_task
 def test_training_with_task_bn_updates_base_bn_stats_only(saved_base, toy_task, monkeypatch, mode):
     base = _loaded_base(saved_base, mode)
     before = _base_hashes(base)
-    net = TransferNet(base, AdapterSpec("serial", task_bn=True), 3)
+    net = TransferNet(base, TaskSpec("serial", task_bn=True), 3)
     _fit(toy_task, net, f"task-bn-{mode}", monkeypatch)
     after = _base_hashes(net.base)
     conv_keys = [k for k in before if k == "features.0.weight" or k.endswith("conv.weight")]
@@ -364,7 +364,7 @@ def test_training_with_task_bn_updates_base_bn_stats_only(saved_base, toy_task, 
 def test_training_bn_method_moves_only_base_bn_and_head(saved_base, toy_task, monkeypatch):
     base = _loaded_base(saved_base, "eval")
     before = _base_hashes(base)
-    net = TransferNet(base, AdapterSpec("bn"), 3)
+    net = TransferNet(base, TaskSpec("bn"), 3)
     assert not net.adapter_convs()
     head_before = net.base.head.weight.detach().clone()
     _fit(toy_task, net, "bn-method", monkeypatch)
@@ -404,7 +404,7 @@ def test_quantize_by_hand():
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8, "ternary"])
 def test_quantised_weights_take_few_values_and_finalize_to_integer_codes(vgg_base, bits):
-    net = TransferNet(copy.deepcopy(vgg_base), AdapterSpec("serial", reduction=2, bits=bits, head_bits=bits), 3)
+    net = TransferNet(copy.deepcopy(vgg_base), TaskSpec("serial", reduction=2, bits=bits, head_bits=bits), 3)
     g = torch.Generator().manual_seed(7)
     layers = net.adapter_convs() + [net.base.head]
     assert isinstance(net.base.head, QuantLinear) and net.base.head.bits == bits
@@ -548,7 +548,7 @@ def base_sha(saved_base):
     return saved_base[1]
 
 
-def _build(vgg_base, spec: AdapterSpec, num_classes: int, seed: int, prune: float = 0.0) -> TransferNet:
+def _build(vgg_base, spec: TaskSpec, num_classes: int, seed: int, prune: float = 0.0) -> TransferNet:
     net = TransferNet(copy.deepcopy(vgg_base), spec, num_classes)
     _randomise(net, seed)
     if prune:
@@ -559,18 +559,18 @@ def _build(vgg_base, spec: AdapterSpec, num_classes: int, seed: int, prune: floa
 
 
 CASES = {
-    "serial-4bit-pruned": (AdapterSpec("serial", groups=2, reduction=2, placement="last:3", bits=4), 0.4),
-    "parallel-32bit": (AdapterSpec("parallel", groups=2, placement="all", bits=32), 0.0),
-    "head-only": (AdapterSpec("head"), 0.0),
-    "head-only-8bit": (AdapterSpec("head", head_bits=8), 0.0),
-    "serial-1bit": (AdapterSpec("serial", groups=2, bits=1, head_bits=2), 0.0),
-    "parallel-ternary-pruned": (AdapterSpec("parallel", groups=2, reduction=2, bits="ternary", head_bits="ternary"),
+    "serial-4bit-pruned": (TaskSpec("serial", groups=2, reduction=2, placement="last:3", bits=4), 0.4),
+    "parallel-32bit": (TaskSpec("parallel", groups=2, placement="all", bits=32), 0.0),
+    "head-only": (TaskSpec("head"), 0.0),
+    "head-only-8bit": (TaskSpec("head", head_bits=8), 0.0),
+    "serial-1bit": (TaskSpec("serial", groups=2, bits=1, head_bits=2), 0.0),
+    "parallel-ternary-pruned": (TaskSpec("parallel", groups=2, reduction=2, bits="ternary", head_bits="ternary"),
                                 0.4),
-    "serial-learned-scale-pruned": (AdapterSpec("serial", bits=2, learn_scale=True), 0.3),
-    "serial-bn16-task-bn": (AdapterSpec("serial", placement="last:2", bits=4, task_bn=True, bn_bits=16,
+    "serial-learned-scale-pruned": (TaskSpec("serial", bits=2, learn_scale=True), 0.3),
+    "serial-bn16-task-bn": (TaskSpec("serial", placement="last:2", bits=4, task_bn=True, bn_bits=16,
                                         learn_scale=True), 0.0),
-    "bn-method-bn16": (AdapterSpec("bn", bn_bits=16, head_bits=8), 0.0),
-    "bn-method": (AdapterSpec("bn"), 0.0),
+    "bn-method-bn16": (TaskSpec("bn", bn_bits=16, head_bits=8), 0.0),
+    "bn-method": (TaskSpec("bn"), 0.0),
 }
 
 
@@ -628,7 +628,7 @@ def test_safetensors_round_trip_is_bit_exact(vgg_base, base_sha, tmp_path, case)
 
 @pytest.fixture
 def adapter_file(vgg_base, base_sha, tmp_path):
-    net = _build(vgg_base, AdapterSpec("serial", bits=4, placement="last:2"), 3, seed=3)
+    net = _build(vgg_base, TaskSpec("serial", bits=4, placement="last:2"), 3, seed=3)
     save_adapter(net, tmp_path / "ad", {"base_sha256": base_sha})
     return tmp_path / "ad"
 
@@ -679,8 +679,8 @@ def test_read_refuses_missing_json_next_to_safetensors(adapter_file):
 
 
 def test_bank_swaps_without_residue(vgg_base, base_sha, tmp_path):
-    a = _build(vgg_base, AdapterSpec("serial", groups=2, placement="last:2", bits=4), 3, seed=21, prune=0.3)
-    b = _build(vgg_base, AdapterSpec("parallel", reduction=2, placement=[0, 3], task_bn=True, head_bits=8), 5,
+    a = _build(vgg_base, TaskSpec("serial", groups=2, placement="last:2", bits=4), 3, seed=21, prune=0.3)
+    b = _build(vgg_base, TaskSpec("parallel", reduction=2, placement=[0, 3], task_bn=True, head_bits=8), 5,
                seed=22)
     save_adapter(a, tmp_path / "a", {"base_sha256": base_sha})
     save_adapter(b, tmp_path / "b", {"base_sha256": base_sha})
@@ -718,7 +718,7 @@ def test_bank_swaps_without_residue(vgg_base, base_sha, tmp_path):
 
 
 def test_packed_export_of_task_state(vgg_base, tmp_path):
-    net = _build(vgg_base, AdapterSpec("serial", groups=2, reduction=2, placement="all", bits=4), 3, seed=31,
+    net = _build(vgg_base, TaskSpec("serial", groups=2, reduction=2, placement="all", bits=4), 3, seed=31,
                  prune=0.3)
     convs = {n: m for n, m in net.named_modules() if isinstance(m, AdapterConv)}
     assert len(convs) == 10 and all(m.pruned for m in convs.values())
@@ -745,8 +745,8 @@ def test_packed_export_of_task_state(vgg_base, tmp_path):
 def test_bank_swaps_float16_task_bn_without_residue(vgg_base, base_sha, tmp_path):
     # `bn` with bn_bits 16 rewrites the base's BNs as float16-rounded scale/shift; the next
     # adapter (no task BN) must see the base's own fused (float32) BN again.
-    a = _build(vgg_base, AdapterSpec("bn", bn_bits=16), 3, seed=41)
-    b = _build(vgg_base, AdapterSpec("serial", bits=1, placement="last:2"), 4, seed=42)
+    a = _build(vgg_base, TaskSpec("bn", bn_bits=16), 3, seed=41)
+    b = _build(vgg_base, TaskSpec("serial", bits=1, placement="last:2"), 4, seed=42)
     assert all(m.eps == FUSED_EPS for m in a.modules() if isinstance(m, nn.BatchNorm2d))
     save_adapter(a, tmp_path / "a", {"base_sha256": base_sha})
     save_adapter(b, tmp_path / "b", {"base_sha256": base_sha})
@@ -778,7 +778,7 @@ def test_last_checkpoint_is_the_last_epoch_not_the_best(toy_task, vgg_base, monk
     """A killed run resumes from last.ckpt, so it must hold the last epoch. Lightning writes
     last.ckpt only when it also saves a top-k checkpoint: with one callback, a run whose val
     accuracy stopped improving after epoch 0 left last.ckpt at epoch 0 and redid the rest."""
-    net = TransferNet(copy.deepcopy(vgg_base), AdapterSpec("head"), 3)
+    net = TransferNet(copy.deepcopy(vgg_base), TaskSpec("head"), 3)
     flat = Optim(max_epochs=3, patience=3, batch_size=16, lr=1e-9, scheduler="none")  # val accuracy never improves
     _fit(toy_task, net, "last-ckpt", monkeypatch, optim=flat, ckpt_dir=tmp_path / "ckpt")
     best = torch.load(tmp_path / "ckpt" / "best.ckpt", map_location="cpu", weights_only=True)

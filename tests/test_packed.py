@@ -12,7 +12,7 @@ import torch
 
 from conftest import backbone_with_bn_stats
 from pipeline.errors import UserError
-from pipeline.nn.adapters import AdapterSpec
+from pipeline.nn.adapters import TaskSpec
 from pipeline.nn.export import TASK_META, export_packed, read_packed
 from pipeline.packed import PackedBank, compare, load_packed_net, logits, read_base, read_task
 from pipeline.xnor import BinaryConv, NumpyNet, load_numpy_net, pack_rows
@@ -21,7 +21,7 @@ from test_quant import ARCH, EXPORT_CASES
 
 FP32 = dataclasses.replace(ARCH, precision="fp32")
 CASES = {**{k: (spec, prune) for k, (spec, prune, _) in EXPORT_CASES.items()},
-         "full": (AdapterSpec("full"), 0.0), "head-8bit": (AdapterSpec("head", head_bits=8), 0.0)}
+         "full": (TaskSpec("full"), 0.0), "head-8bit": (TaskSpec("head", head_bits=8), 0.0)}
 
 
 def _x(n=40, seed=3):
@@ -41,7 +41,7 @@ def bases(tmp_path_factory):
     return out
 
 
-def _task(bases, tmp_path, spec: AdapterSpec, prune: float = 0.0, precision: str = "binary", seed: int = 5,
+def _task(bases, tmp_path, spec: TaskSpec, prune: float = 0.0, precision: str = "binary", seed: int = 5,
           num_classes: int = 3, name: str = "task"):
     """A finalized task state on the base, exported as the transfer stage does; (net, path)."""
     net = _build(bases[precision][0], spec, num_classes, seed, prune)
@@ -72,7 +72,7 @@ def test_packed_network_is_the_measured_one(bases, tmp_path, case):
 
 
 def test_fp32_full_copy_runs_from_its_file(bases, tmp_path):
-    net, path = _task(bases, tmp_path, AdapterSpec("full"), precision="fp32")
+    net, path = _task(bases, tmp_path, TaskSpec("full"), precision="fp32")
     x = _x()
     packed, _ = load_packed_net(path, bases["fp32"][1])
     assert torch.equal(logits(packed, x), logits(net, x))
@@ -97,9 +97,9 @@ def test_xnor_popcount_conv_equals_the_signed_product_by_hand():
 
 
 def test_bank_swaps_task_states_in_place(bases, tmp_path):
-    specs = {"a": AdapterSpec("serial", groups=2, placement="last:2", bits=4, head_bits=8),
-             "b": AdapterSpec("parallel", reduction=2, placement="all", bits=1, task_bn=True, bn_bits=16),
-             "c": AdapterSpec("bn", bn_bits=16), "d": AdapterSpec("head", head_bits=4)}
+    specs = {"a": TaskSpec("serial", groups=2, placement="last:2", bits=4, head_bits=8),
+             "b": TaskSpec("parallel", reduction=2, placement="all", bits=1, task_bn=True, bn_bits=16),
+             "c": TaskSpec("bn", bn_bits=16), "d": TaskSpec("head", head_bits=4)}
     nets, paths = {}, {}
     for i, (name, spec) in enumerate(specs.items()):
         nets[name], paths[name] = _task(bases, tmp_path, spec, 0.3 if name == "a" else 0.0, seed=10 + i,
@@ -128,7 +128,7 @@ def test_bank_swaps_task_states_in_place(bases, tmp_path):
 
 
 def test_refusals_name_the_file_and_the_problem(bases, tmp_path):
-    net, task = _task(bases, tmp_path, AdapterSpec("serial", bits=4))
+    net, task = _task(bases, tmp_path, TaskSpec("serial", bits=4))
     base = bases["binary"][1]
     with pytest.raises(UserError, match="not a packed task state \\(a base"):
         read_task(base)
@@ -143,13 +143,13 @@ def test_refusals_name_the_file_and_the_problem(bases, tmp_path):
     with pytest.raises(UserError, match="do not fit the network its header names"):
         load_packed_net(other, base)
     bank = PackedBank(base)
-    _, full = _task(bases, tmp_path, AdapterSpec("full"), name="full")
+    _, full = _task(bases, tmp_path, TaskSpec("full"), name="full")
     with pytest.raises(UserError, match="whole network; a bank shares the binary base"):
         bank.add("f", full)
 
 
 def test_numpy_runtime_refuses_other_archs(bases, tmp_path):
-    _, task = _task(bases, tmp_path, AdapterSpec("head"))
+    _, task = _task(bases, tmp_path, TaskSpec("head"))
     meta, tensors = read_packed(task)
     with pytest.raises(UserError, match="arch 'birealnet18' is not supported; allowed: bnn_vgg_small"):
         NumpyNet({}, {**meta, "arch": {**meta["arch"], "name": "birealnet18"}}, tensors)

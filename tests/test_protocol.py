@@ -17,7 +17,7 @@ import pandas as pd
 
 from conftest import BIN, ROOT, copy_project, run_cli, set_keys
 from pipeline.config import Optim, parse_params
-from pipeline.nn.adapters import AdapterSpec, TransferNet
+from pipeline.nn.adapters import TaskSpec, TransferNet
 from pipeline.nn.pruning import sparsity
 from pipeline.stages.transfer import choose_lr, lr_stem
 from pipeline.train.datamodule import PreparedData
@@ -69,7 +69,7 @@ def test_lr_stems_have_no_dot():
 def test_early_stopping_ends_a_flat_run_and_keeps_epoch_zero(toy_task, vgg_base, monkeypatch, tmp_path):
     """lr 1e-9: val accuracy never rises after epoch 0, so with patience 2 the run stops after
     epochs 0, 1, 2 (two without a gain), of a cap of 10, and epoch 0's weights are restored."""
-    net = TransferNet(copy.deepcopy(vgg_base), AdapterSpec("head"), 3)
+    net = TransferNet(copy.deepcopy(vgg_base), TaskSpec("head"), 3)
     flat = Optim(max_epochs=10, patience=2, batch_size=16, lr=1e-9, scheduler="none")
     result = _fit(toy_task, net, "early-stop", monkeypatch, optim=flat, ckpt_dir=tmp_path / "ckpt")
     conv = result.convergence()
@@ -81,7 +81,7 @@ def test_early_stopping_ends_a_flat_run_and_keeps_epoch_zero(toy_task, vgg_base,
 def test_a_run_at_its_cap_still_improving_is_flagged(toy_task, vgg_base, monkeypatch):
     """Two epochs with a real lr on a learnable task: the cap ends it, and with no epochs before
     the 3-epoch window nothing says it converged."""
-    net = TransferNet(copy.deepcopy(vgg_base), AdapterSpec("head"), 3)
+    net = TransferNet(copy.deepcopy(vgg_base), TaskSpec("head"), 3)
     result = _fit(toy_task, net, "capped", monkeypatch, optim=Optim(max_epochs=2, batch_size=16, lr=0.02, scheduler="none"))
     assert result.convergence() == {"epochs_run": 2, "max_epochs": 2, "stopped_early": False, "hit_cap_improving": True}
 
@@ -90,7 +90,7 @@ def test_pruned_run_is_judged_only_after_its_last_round(toy_task, vgg_base, monk
     """Dense phase capped at 2 epochs, then rounds at epochs 2 and 3 (sparsity .25 then .5): the
     best checkpoint must come from epoch 3 or later, at the final sparsity, however good a denser
     epoch was; early stopping may not end the run before the rounds."""
-    net = TransferNet(copy.deepcopy(vgg_base), AdapterSpec("serial", groups=2, placement="all"), 3)
+    net = TransferNet(copy.deepcopy(vgg_base), TaskSpec("serial", groups=2, placement="all"), 3)
     optim = Optim(max_epochs=2, patience=1, batch_size=16, lr=0.02, scheduler="none")
     cb = PruningCallback(net.adapter_convs(), 0.5, 2, 1, optim.max_epochs, "layer", optim.patience, optim.min_delta)
     params, folder, root = toy_task

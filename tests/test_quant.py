@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from conftest import backbone_with_bn_stats
-from pipeline.nn.adapters import Adapter, AdapterConv, AdapterSpec, QuantLinear, TransferNet, fuse_bn_, fused_bn
+from pipeline.nn.adapters import ResidualAdapter, AdapterConv, TaskSpec, QuantLinear, TransferNet, fuse_bn_, fused_bn
 from pipeline.nn.backbones import Arch
 from pipeline.nn.binary import code_levels, fixed_scale, level_codes, q_max, quant_levels, storage_bits
 from pipeline.nn.export import MAGIC, export_packed, load_packed_into, read_packed
@@ -255,11 +255,11 @@ def test_fixed_scale_passes_no_gradient_to_a_scale():
 
 
 def test_learned_scales_get_gradients_in_a_transfer_net(vgg_base):
-    net = TransferNet(copy.deepcopy(vgg_base), AdapterSpec("serial", groups=2, reduction=2, bits=2, learn_scale=True), 3)
+    net = TransferNet(copy.deepcopy(vgg_base), TaskSpec("serial", groups=2, reduction=2, bits=2, learn_scale=True), 3)
     net.train()
     with torch.no_grad():
         for m in net.modules():
-            if isinstance(m, Adapter):
+            if isinstance(m, ResidualAdapter):
                 m.bn.weight.fill_(1.0)  # gamma 0 would block every gradient into the adapter
     convs = net.adapter_convs()
     assert len(convs) == 10
@@ -381,7 +381,7 @@ def test_memory_of_head_by_hand():
     (32, 64 * 4 + 8 * 32 + 64 * 4 + 16 * 32 + 2 * 16 * 32),   # = 2304
 ])
 def test_memory_of_adapter_with_bn_bits(bn_bits, expected):
-    a = Adapter("serial", 16, 16, stride=1, groups=2, reduction=2, bits=4, bn_bits=bn_bits)
+    a = ResidualAdapter("serial", 16, 16, stride=1, groups=2, reduction=2, bits=4, bn_bits=bn_bits)
     assert memory_report(a).bits == expected
     assert [e.encoding for e in storage_plan(a)] == ["int4", f"float{bn_bits}", "int4", f"float{bn_bits}", "bn_fused"]
 
@@ -390,7 +390,7 @@ def test_memory_of_adapter_with_bn_bits(bn_bits, expected):
 def test_adapter_bn_inside_transfer_net_keeps_bn_bits(vgg_base, bn_bits):
     # serial adapters on all 5 blocks (widths 4, 8, 8, 16, 16): adapter BN and scales at bn_bits,
     # the (frozen, not task-specific) base BN at 32
-    net = TransferNet(copy.deepcopy(vgg_base), AdapterSpec("serial", bits=4, bn_bits=bn_bits), 3)
+    net = TransferNet(copy.deepcopy(vgg_base), TaskSpec("serial", bits=4, bn_bits=bn_bits), 3)
     plan = {e.name: e for e in storage_plan(net)}
     adapter_bn = [e for n, e in plan.items() if n.endswith("adapter.bn")]
     base_bn = [e for n, e in plan.items() if e.encoding == "bn_fused" and ".adapter" not in n]
@@ -409,7 +409,7 @@ def test_adapter_bn_inside_transfer_net_keeps_bn_bits(vgg_base, bn_bits):
 def test_breakdown_by_hand(vgg_base):
     # serial adapter on the last block only (16 -> 16, 2 groups: 128 weights) at 4 bits, pruned to
     # half (64 kept; mask 128 bits < 64 * 7 index bits), float16 scales and BN_a, head 32-bit.
-    net = TransferNet(copy.deepcopy(vgg_base), AdapterSpec("serial", groups=2, placement="last:1", bits=4,
+    net = TransferNet(copy.deepcopy(vgg_base), TaskSpec("serial", groups=2, placement="last:1", bits=4,
                                                            bn_bits=16), 3)
     with torch.no_grad():
         for c in net.adapter_convs():
@@ -438,7 +438,7 @@ def test_breakdown_puts_all_of_a_quantised_head_in_head():
 
 
 def test_bn_method_trains_only_base_bn_and_head(vgg_base):
-    net = TransferNet(copy.deepcopy(vgg_base), AdapterSpec("bn"), 3)
+    net = TransferNet(copy.deepcopy(vgg_base), TaskSpec("bn"), 3)
     assert net.task_bn and net.adapted == [] and not net.adapter_convs()
     trainable = {n: p for n, p in net.named_parameters() if p.requires_grad}
     bn_names = {n for n, m in net.named_modules() if isinstance(m, nn.BatchNorm2d)}
@@ -450,8 +450,8 @@ def test_bn_method_trains_only_base_bn_and_head(vgg_base):
     net.train()
     assert all(m.training for m in net.modules() if isinstance(m, nn.BatchNorm2d))
     # the other methods: task_bn only where asked
-    assert not TransferNet(copy.deepcopy(vgg_base), AdapterSpec("head"), 3).task_bn
-    assert TransferNet(copy.deepcopy(vgg_base), AdapterSpec("serial", task_bn=True), 3).task_bn
+    assert not TransferNet(copy.deepcopy(vgg_base), TaskSpec("head"), 3).task_bn
+    assert TransferNet(copy.deepcopy(vgg_base), TaskSpec("serial", task_bn=True), 3).task_bn
 
 
 @pytest.mark.parametrize("bn_bits, total_bytes", [(32, (2 * 56 * 32 + 51 * 32) / 8), (16, (2 * 56 * 16 + 51 * 32) / 8)])
@@ -459,7 +459,7 @@ def test_bn_method_memory_by_hand(vgg_base, tmp_path, bn_bits, total_bytes):
     # 6 BNs over 56 channels, 2 values each at bn_bits; head 16 * 3 + 3 float32 values:
     # 32 bits: (3,584 + 1,632) / 8 = 652 bytes; 16 bits: (1,792 + 1,632) / 8 = 428 bytes
     assert total_bytes == {32: 652, 16: 428}[bn_bits]
-    net = TransferNet(copy.deepcopy(vgg_base), AdapterSpec("bn", bn_bits=bn_bits), 3)
+    net = TransferNet(copy.deepcopy(vgg_base), TaskSpec("bn", bn_bits=bn_bits), 3)
     plan = storage_plan(net, include=net.is_task_module)
     assert sum(e.bits for e in plan) / 8 == total_bytes
     assert breakdown(plan) == {"weights": 0.0, "scales": 0.0, "bn": 2 * BN_CHANNELS * bn_bits / 8,
@@ -472,7 +472,7 @@ def test_bn_method_memory_by_hand(vgg_base, tmp_path, bn_bits, total_bytes):
 
 
 def test_bn_method_finalize_fuses_bn_in_float16(vgg_base):
-    net = TransferNet(copy.deepcopy(vgg_base), AdapterSpec("bn", bn_bits=16), 3)
+    net = TransferNet(copy.deepcopy(vgg_base), TaskSpec("bn", bn_bits=16), 3)
     bns = {n: m for n, m in net.named_modules() if isinstance(m, nn.BatchNorm2d)}
     want = {}
     for n, m in bns.items():  # independent path: eval BN as scale * x + shift, rounded to float16
@@ -487,7 +487,7 @@ def test_bn_method_finalize_fuses_bn_in_float16(vgg_base):
         assert torch.equal(torch.sqrt(m.running_var + m.eps), torch.ones_like(m.running_var))
         assert torch.equal(m.weight.detach(), want[n][0]) and torch.equal(m.bias.detach(), want[n][1])
     # at 32 bits finalize fuses in float32 (what the packed file stores), and its outputs barely move
-    net32 = TransferNet(copy.deepcopy(vgg_base), AdapterSpec("bn", bn_bits=32), 3).eval()
+    net32 = TransferNet(copy.deepcopy(vgg_base), TaskSpec("bn", bn_bits=32), 3).eval()
     want32 = {n: (m.weight.detach() / torch.sqrt(m.running_var + m.eps)) for n, m in net32.named_modules()
               if isinstance(m, nn.BatchNorm2d)}
     x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
@@ -509,23 +509,23 @@ from test_adapters import _randomise  # noqa: E402  random task weights, head an
 
 # name: (spec, prune amount, encodings the packed task state must contain)
 EXPORT_CASES = {
-    "sign": (AdapterSpec("serial", groups=2, bits=1), 0.0, {"sign", "float32", "bn_fused"}),
-    "int2": (AdapterSpec("serial", groups=2, reduction=2, bits=2, head_bits=2), 0.0, {"int2", "float32"}),
-    "int4": (AdapterSpec("parallel", groups=2, bits=4, head_bits=4), 0.0, {"int4", "float32"}),
-    "int8": (AdapterSpec("serial", bits=8, head_bits=8), 0.0, {"int8", "float32"}),
-    "ternary": (AdapterSpec("serial", bits="ternary", head_bits="ternary"), 0.0, {"ternary", "float32"}),
-    "float32": (AdapterSpec("parallel", reduction=2, bits=32), 0.0, {"float32", "bn_fused"}),
-    "bn16": (AdapterSpec("serial", bits=4, task_bn=True, bn_bits=16), 0.0, {"int4", "float16", "bn_fused"}),
-    "bn32-task": (AdapterSpec("serial", bits=4, task_bn=True), 0.0, {"int4", "float32", "bn_fused"}),
-    "sparse-mask-int4": (AdapterSpec("serial", bits=4), 0.3, {"sparse"}),
-    "sparse-mask-ternary": (AdapterSpec("serial", bits="ternary"), 0.3, {"sparse"}),
-    "sparse-index-sign": (AdapterSpec("serial", bits=1), 0.95, {"sparse"}),
-    "sparse-index-float32": (AdapterSpec("parallel", bits=32), 0.95, {"sparse"}),
-    "learned-scales": (AdapterSpec("serial", groups=2, bits=2, learn_scale=True), 0.0, {"int2", "float32"}),
-    "learned-scales-16": (AdapterSpec("serial", bits=4, learn_scale=True, bn_bits=16), 0.3,
+    "sign": (TaskSpec("serial", groups=2, bits=1), 0.0, {"sign", "float32", "bn_fused"}),
+    "int2": (TaskSpec("serial", groups=2, reduction=2, bits=2, head_bits=2), 0.0, {"int2", "float32"}),
+    "int4": (TaskSpec("parallel", groups=2, bits=4, head_bits=4), 0.0, {"int4", "float32"}),
+    "int8": (TaskSpec("serial", bits=8, head_bits=8), 0.0, {"int8", "float32"}),
+    "ternary": (TaskSpec("serial", bits="ternary", head_bits="ternary"), 0.0, {"ternary", "float32"}),
+    "float32": (TaskSpec("parallel", reduction=2, bits=32), 0.0, {"float32", "bn_fused"}),
+    "bn16": (TaskSpec("serial", bits=4, task_bn=True, bn_bits=16), 0.0, {"int4", "float16", "bn_fused"}),
+    "bn32-task": (TaskSpec("serial", bits=4, task_bn=True), 0.0, {"int4", "float32", "bn_fused"}),
+    "sparse-mask-int4": (TaskSpec("serial", bits=4), 0.3, {"sparse"}),
+    "sparse-mask-ternary": (TaskSpec("serial", bits="ternary"), 0.3, {"sparse"}),
+    "sparse-index-sign": (TaskSpec("serial", bits=1), 0.95, {"sparse"}),
+    "sparse-index-float32": (TaskSpec("parallel", bits=32), 0.95, {"sparse"}),
+    "learned-scales": (TaskSpec("serial", groups=2, bits=2, learn_scale=True), 0.0, {"int2", "float32"}),
+    "learned-scales-16": (TaskSpec("serial", bits=4, learn_scale=True, bn_bits=16), 0.3,
                           {"sparse", "float16"}),
-    "bn-method-16": (AdapterSpec("bn", bn_bits=16), 0.0, {"bn_fused", "float32"}),
-    "bn-method-32": (AdapterSpec("bn"), 0.0, {"bn_fused", "float32"}),
+    "bn-method-16": (TaskSpec("bn", bn_bits=16), 0.0, {"bn_fused", "float32"}),
+    "bn-method-32": (TaskSpec("bn"), 0.0, {"bn_fused", "float32"}),
 }
 
 
@@ -541,7 +541,7 @@ def _payload_bytes_by_hand(plan) -> int:
     return total
 
 
-def _build(vgg_base, spec: AdapterSpec, prune: float, seed: int = 41) -> TransferNet:
+def _build(vgg_base, spec: TaskSpec, prune: float, seed: int = 41) -> TransferNet:
     net = TransferNet(copy.deepcopy(vgg_base), spec, 4)
     _randomise(net, seed)
     if prune:

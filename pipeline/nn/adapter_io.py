@@ -15,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import UserError
-from pipeline.nn.adapters import FUSED_EPS, AdapterSpec, TransferNet, _QuantWeight, fuse_bn_, is_fused
+from pipeline.nn.adapters import FUSED_EPS, TaskSpec, TransferNet, _QuantWeight, fuse_bn_, is_fused
 from pipeline.nn.backbones import Backbone
 
 FORMAT = "bnn-adapter/2"  # 2: per-channel scales, integer levels, bn_bits
@@ -83,7 +83,7 @@ def apply_adapter(base: Backbone, base_sha256: str, config: dict, tensors: dict[
             f"{source}: trained against base {str(config.get('base_sha256'))[:12]}, but the loaded base is "
             f"{base_sha256[:12]}; load it onto the base it was trained with"
         )
-    net = TransferNet(base, AdapterSpec(**config["spec"]), int(config["num_classes"]))
+    net = TransferNet(base, TaskSpec(**config["spec"]), int(config["num_classes"]))
     convs = {n: m for n, m in net.named_modules() if isinstance(m, _QuantWeight)}
     state = {}
     for key, value in tensors.items():

@@ -106,7 +106,7 @@ class QuantLinear(_QuantWeight, nn.Linear):
         return F.linear(x, self.effective_weight(), self.bias)
 
 
-class Adapter(nn.Module):
+class ResidualAdapter(nn.Module):
     def __init__(self, kind: AdapterType, cin: int, cout: int, stride: int, groups: int, reduction: int, bits: Bits,
                  learn_scale: bool = False, bn_bits: int = 32):
         super().__init__()
@@ -128,7 +128,7 @@ class Adapter(nn.Module):
 
 
 @dataclass(frozen=True)
-class AdapterSpec:
+class TaskSpec:
     """What the task-specific state of one transfer run is made of."""
 
     method: Method
@@ -160,7 +160,7 @@ def resolve_placement(placement: Union[str, list[int]], n_blocks: int) -> list[i
     return sorted(placement)
 
 
-def check_groups(spec: AdapterSpec, blocks: list[ConvBlock], where: list[int]) -> None:
+def check_groups(spec: TaskSpec, blocks: list[ConvBlock], where: list[int]) -> None:
     for i in where:
         conv = blocks[i].conv
         channels = [conv.in_channels if spec.method == "parallel" else conv.out_channels, conv.out_channels]
@@ -179,7 +179,7 @@ class TransferNet(nn.Module):
     (see `frozen_prefix`) and the network is trained on those cached features.
     """
 
-    def __init__(self, base: Backbone, spec: AdapterSpec, num_classes: int):
+    def __init__(self, base: Backbone, spec: TaskSpec, num_classes: int):
         super().__init__()
         self.spec = spec
         self.base = base
@@ -192,7 +192,7 @@ class TransferNet(nn.Module):
             check_groups(spec, blocks, self.adapted)
             for i in self.adapted:
                 c = blocks[i].conv
-                blocks[i].adapter = Adapter(spec.method, c.in_channels, c.out_channels, c.stride[0],
+                blocks[i].adapter = ResidualAdapter(spec.method, c.in_channels, c.out_channels, c.stride[0],
                                             spec.groups, spec.reduction, spec.bits, spec.learn_scale, spec.bn_bits)
         for name, m in base.features.named_modules():  # how the task BN is stored (a bank reuses the base)
             if isinstance(m, nn.BatchNorm2d) and "adapter" not in name.split("."):  # BN_a keeps its bn_bits
@@ -238,7 +238,7 @@ class TransferNet(nn.Module):
             return 0
         n = 0
         for m in self.base.features:
-            if any(p.requires_grad for p in m.parameters()) or any(isinstance(c, Adapter) for c in m.modules()):
+            if any(p.requires_grad for p in m.parameters()) or any(isinstance(c, ResidualAdapter) for c in m.modules()):
                 break
             n += 1
         return n

@@ -12,6 +12,7 @@ import pandas as pd
 
 from pipeline.errors import UserError
 from pipeline.nn.memory import BREAKDOWN_COLUMNS
+from pipeline.paths import REPORTS
 from pipeline.stats import mean_ci
 
 CONFIG = ["target", "method", "precision", "adapter_type", "groups", "reduction", "placement",
@@ -55,7 +56,7 @@ def _need(path: Path, maker: str) -> None:
         raise UserError(f"report: {path} is missing; it is written by the {maker} stage (run `dvc repro`)")
 
 
-def load_inputs(reports: Path = Path("reports")) -> Inputs:
+def load_inputs(reports: Path = REPORTS) -> Inputs:
     for rel, maker in MAKERS.items():
         _need(reports / rel, maker)
     results = pd.read_csv(reports / "results.csv", dtype={"lr_grid": str})  # "0.005" stays the grid's text

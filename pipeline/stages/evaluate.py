@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import BASE_DIR, PREPARED, Params
+from pipeline.config import Params
+from pipeline.paths import base_checkpoint, base_packed, prepared, task_dir
 from pipeline.errors import UserError
 from pipeline.nn.adapter_io import AdapterBank, apply_adapter, read_adapter
 from pipeline.nn.checkpoint import load_base, sha256
@@ -21,14 +22,14 @@ from pipeline.train.evaluate import accuracy
 def _target_data(params: Params, target: str) -> PreparedData:
     if target not in params.data.datasets:
         raise UserError(f"unknown target '{target}'; allowed (data.datasets): {', '.join(params.data.datasets)}")
-    return PreparedData(PREPARED / target, 1)
+    return PreparedData(prepared(target), 1)
 
 
 def trained_net(adapter: Path, config: dict | None = None, tensors: dict | None = None):
     """The network as training saved it: the adapter file on its base checkpoint."""
     if config is None:
         config, tensors = read_adapter(adapter)
-    base_file = BASE_DIR / config.get("precision", "binary") / "model.pt"
+    base_file = base_checkpoint(config.get("precision", "binary"))
     return apply_adapter(load_base(base_file), sha256(base_file), config, tensors, source=str(adapter))
 
 
@@ -45,14 +46,14 @@ def run_evaluate(params: Params, target: str, adapter: Path, split: str = "test"
 
 
 def run_bank(params: Params, targets: list[str], method: str) -> dict[str, float]:
-    base_file = BASE_DIR / "binary" / "model.pt"
+    base_file = base_checkpoint("binary")
     base = load_base(base_file)
     bank = AdapterBank(base, sha256(base_file))
     base_bytes = memory_report(base).bytes
     accs, task_bytes, full_bytes = {}, 0.0, 0.0
     for target in targets:
         data = _target_data(params, target)
-        stem = Path("models") / target / method / "adapter"
+        stem = task_dir(target, method) / "adapter"
         config, tensors = read_adapter(stem)
         net = bank.activate(target, config, tensors, source=str(stem))
         accs[target] = accuracy(net, *data.splits["test"])
@@ -134,14 +135,14 @@ def run_bank_packed(params: Params, targets: list[str], method: str, swaps: int 
             if not p.exists():
                 raise UserError(f"{p}: task state not found")
     else:
-        paths = [Path("models") / t / method / "adapter.bnnpack" for t in targets]
+        paths = [task_dir(t, method) / "adapter.bnnpack" for t in targets]
         for t, p in zip(targets, paths):
             if not p.exists():
                 raise UserError(f"{p}: not found; run the {method} transfer for '{t}' first (dvc repro)")
     names = [str(p) for p in paths]
     if len(set(names)) != len(names):
         raise UserError(f"bank: a task state is named twice ({', '.join(sorted({n for n in names if names.count(n) > 1}))})")
-    base_path = BASE_DIR / "binary" / "model.bnnpack"
+    base_path = base_packed("binary")
     bank = PackedBank(base_path)
     for name, path in zip(names, paths):
         bank.add(name, path)

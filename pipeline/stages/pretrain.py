@@ -5,7 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from pipeline.config import BASE_DIR, METRICS_DIR, PREPARED, Params, as_flat_dict
+from pipeline.config import Params, as_flat_dict
+from pipeline.paths import METRICS_DIR, base_dir, prepared
 from pipeline.io import write_json
 from pipeline.nn.backbones import Arch, build_backbone
 from pipeline.nn.checkpoint import save_base
@@ -21,11 +22,11 @@ def run(params: Params, precision: str) -> dict:
     t0 = time.perf_counter()
     p, seed = params.pretrain, params.seeds[0]
     seed_everything(seed, params)
-    data = PreparedData(PREPARED / p.source, p.optim.batch_size, params.trainer.num_workers, seed)
+    data = PreparedData(prepared(p.source), p.optim.batch_size, params.trainer.num_workers, seed)
     arch = Arch(params.model.name, precision, data.num_classes, params.data.channels,
                 params.data.input_size, params.model.width)
     net = build_backbone(arch)
-    out = BASE_DIR / precision
+    out = base_dir(precision)
     flat = {"stage": "pretrain", "precision": precision, "source": p.source, "seed": seed,
             **as_flat_dict(params.model, "model."), **as_flat_dict(p.optim, "optim.")}
     result = fit_and_evaluate(params, net, data, p.optim, run_name=f"pretrain-{precision}",

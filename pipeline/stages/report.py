@@ -9,12 +9,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pipeline.config import Params
+from pipeline.paths import REPORTS
 from pipeline.report import plots
 from pipeline.report.analysis import load_inputs
 from pipeline.report.markdown import render
 from pipeline.train.tracking import git_commit
 
-REPORTS = Path("reports")
 
 
 def run(params: Params, params_file: Path = Path("params.yaml"), reports: Path = REPORTS) -> Path:

@@ -3,15 +3,12 @@ Each transfer run owns its own rows file, so parallel runs never write the same 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pandas as pd
 
 from pipeline.config import Params
 from pipeline.errors import UserError
+from pipeline.paths import RESULTS_CSV as OUT, RESULTS_DIR as ROWS
 
-ROWS = Path("reports/results")
-OUT = Path("reports/results.csv")
 
 
 def run(params: Params) -> pd.DataFrame:

@@ -11,7 +11,7 @@ from typing import Any, Optional
 from pipeline.config import BASE_DIR, PREPARED, Adapter, Optim, Params
 from pipeline.errors import UserError
 from pipeline.nn.adapter_io import save_adapter
-from pipeline.nn.adapters import AdapterSpec, TransferNet
+from pipeline.nn.adapters import TaskSpec, TransferNet
 from pipeline.nn.checkpoint import load_base, sha256
 from pipeline.nn.export import export_packed
 from pipeline.nn.memory import breakdown, memory_report, storage_plan
@@ -47,9 +47,9 @@ def build_net(params: Params, target: str, method: str, precision: str, seed: in
     base = load_base(BASE_DIR / precision / "model.pt")
     a, hb = adapter, head_bits(params, method)
     if method in ("serial", "parallel"):
-        spec = AdapterSpec(method, a.groups, a.reduction, a.placement, a.task_bn, a.bits, hb, a.bn_bits, a.learn_scale)
+        spec = TaskSpec(method, a.groups, a.reduction, a.placement, a.task_bn, a.bits, hb, a.bn_bits, a.learn_scale)
     else:
-        spec = AdapterSpec(method, head_bits=hb, bn_bits=a.bn_bits if method == "bn" else 32)
+        spec = TaskSpec(method, head_bits=hb, bn_bits=a.bn_bits if method == "bn" else 32)
     data = PreparedData(PREPARED / target, batch_size, params.trainer.num_workers, seed)
     net = TransferNet(base, spec, data.num_classes)
     k = net.frozen_prefix()
