@@ -1,4 +1,4 @@
-"""Inference on one core: the numpy XNOR-popcount path (pipeline.xnor) against torch's float32
+"""Inference on one core: the numpy XNOR-popcount path (pipeline.runtime.xnor) against torch's float32
 inference of the same network (both built from the same packed files), in images/s at batch 1
 and batch 256, median over repeats; predictions compared on every timed image. Needs the default
 run's packed base and task state.
@@ -21,10 +21,10 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline.paths import prepared  # noqa: E402
-from pipeline.packed import load_packed_net  # noqa: E402
+from pipeline.paths import prepared, task_dir  # noqa: E402
+from pipeline.runtime.loader import load_state, read_task  # noqa: E402
+from pipeline.runtime.xnor import load_numpy_net  # noqa: E402
 from pipeline.train.datamodule import PreparedData  # noqa: E402
-from pipeline.xnor import load_numpy_net  # noqa: E402
 
 
 def images_per_s(fn, batches: list, repeats: int) -> float:
@@ -39,12 +39,13 @@ def images_per_s(fn, batches: list, repeats: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--task", default="models/mnist_5to9/parallel/adapter.bnnpack")
+    ap.add_argument("--task", default=str(task_dir("mnist_5to9", "parallel") / "adapter.bnnpack"))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--single", type=int, default=200, help="images timed one at a time")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    net, meta = load_packed_net(Path(args.task))
+    state = read_task(Path(args.task))
+    net, meta = load_state(state), state.meta
     fast = load_numpy_net(Path(args.task))
     x, _ = PreparedData(prepared(meta["target"]), 1).splits["test"]
     x = torch.cat([x] * (-(-256 // len(x))))[:256] if len(x) < 256 else x[:256]

@@ -15,10 +15,11 @@ import torch
 import torch.nn as nn
 
 from conftest import backbone_with_bn_stats
-from pipeline.nn.adapters import ResidualAdapter, AdapterConv, TaskSpec, QuantLinear, TransferNet, fuse_bn_, fused_bn
+from pipeline.nn.adapters import ResidualAdapter, AdapterConv, TaskSpec, QuantLinear, TransferNet
 from pipeline.nn.backbones import Arch
 from pipeline.nn.binary import code_levels, fixed_scale, level_codes, q_max, quant_levels, storage_bits
 from pipeline.nn.export import MAGIC, export_packed, load_packed_into, read_packed
+from pipeline.nn.fusion import fuse_bn_, fused_bn
 from pipeline.nn.memory import breakdown, index_bits, memory_report, storage_plan
 from pipeline.nn.pruning import prune_to
 

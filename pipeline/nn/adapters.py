@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from pipeline.errors import UserError
 from pipeline.nn.backbones import Backbone, ConvBlock
 from pipeline.nn.binary import Bits, fixed_scale, grad_scale, q_max, quant_levels, storage_bits
+from pipeline.nn.fusion import fuse_bn_, is_fused
 
 AdapterType = Literal["serial", "parallel"]
 Method = Literal["full", "head", "bn", "serial", "parallel"]
@@ -272,35 +273,3 @@ class TransferNet(nn.Module):
                 half = getattr(m, "stored_bits", 32) == 16 and self.is_task_module(name, m)
                 fuse_bn_(m, torch.float16 if half else torch.float32)
 
-
-@torch.no_grad()
-def fused_bn(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eval-mode BN as y = scale * x + shift."""
-    scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
-    return scale, bn.bias.detach() - bn.running_mean * scale
-
-
-# A fused BN keeps a positive eps (some torch versions refuse eps 0) with var + eps == 1 exactly
-# in float32, so it computes scale * x + shift and nothing else.
-FUSED_EPS = 2.0 ** -24
-FUSED_VAR = 1.0 - FUSED_EPS  # the float32 just below 1
-
-
-def is_fused(bn: nn.modules.batchnorm._BatchNorm) -> bool:
-    return bn.eps == FUSED_EPS
-
-
-@torch.no_grad()
-def set_fused_(bn: nn.modules.batchnorm._BatchNorm, scale: torch.Tensor, shift: torch.Tensor) -> None:
-    bn.weight.copy_(scale)
-    bn.bias.copy_(shift)
-    bn.running_mean.zero_()
-    bn.running_var.fill_(FUSED_VAR)
-    bn.eps = FUSED_EPS
-
-
-@torch.no_grad()
-def fuse_bn_(bn: nn.modules.batchnorm._BatchNorm, dtype: torch.dtype = torch.float32) -> None:
-    """Rewrite `bn` in place as its fused scale and shift (rounded through `dtype`)."""
-    scale, shift = fused_bn(bn)
-    set_fused_(bn, scale.to(dtype).float(), shift.to(dtype).float())

@@ -1,5 +1,5 @@
 """The packed format: a model or a task state, bit-packed from `storage_plan`, so its size
-checks the accounting and its contents run the network (`pipeline.serve`).
+checks the accounting and its contents run the network (`pipeline.runtime`).
 
 Version 3, little-endian:
 
@@ -36,8 +36,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
+from pipeline.nn.adapters import _QuantWeight
 from pipeline.nn.binary import code_levels, level_codes
+from pipeline.nn.fusion import fused_bn, set_fused_
 from pipeline.nn.memory import TensorEntry, index_bits, storage_plan
 
 MAGIC = b"BNNPACK"
@@ -86,8 +88,6 @@ def _decode_levels(chunk: bytes, encoding: str, count: int) -> np.ndarray:
 
 def _stored(module: nn.Module, name: str, model: nn.Module) -> torch.Tensor:
     """A weight as stored: signs for a binary conv, integer levels for k-bit, else the floats."""
-    from pipeline.nn.adapters import _QuantWeight
-
     if isinstance(module, _QuantWeight) and name.rsplit(".", 1)[-1] == "weight":  # not the head's bias
         if module.bits == 32:
             return (module.weight * module.mask).detach()
@@ -96,8 +96,6 @@ def _stored(module: nn.Module, name: str, model: nn.Module) -> torch.Tensor:
 
 
 def _encode(entry: TensorEntry, model: nn.Module) -> tuple[bytes, list[int]]:
-    from pipeline.nn.adapters import fused_bn
-
     module = dict(model.named_modules())[entry.layer]
     if entry.encoding == "bn_fused":
         scale, shift = fused_bn(module)
@@ -191,13 +189,18 @@ def read_header(path: Path) -> tuple[dict, memoryview]:
 def read_packed(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """Decode a packed file to (meta, {tensor name: tensor}); BN entries give (2, C) scale/shift."""
     header, payload = read_header(path)
+    return header["meta"], decode_tensors(header, payload)
+
+
+def decode_tensors(header: dict, payload: memoryview) -> dict[str, torch.Tensor]:
+    """The tensors of a checked header and payload (`read_header`), by name."""
     out = {}
     for r in header["tensors"]:
         chunk = bytes(payload[r["offset"]: r["offset"] + r["nbytes"]])
         numel = int(np.prod(r["shape"]))
         values = _decode(r, chunk, numel)
         out[r["name"]] = torch.from_numpy(values.reshape(r["shape"]))
-    return header["meta"], out
+    return out
 
 
 def _decode(r: dict, chunk: bytes, numel: int) -> np.ndarray:
@@ -226,8 +229,6 @@ def load_packed_into(model: nn.Module, path: Path) -> None:
 def load_tensors_into(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
     """Load decoded packed tensors into `model`: BN set to the fused scale/shift, k-bit
     weights to their levels and scales (frozen), everything else copied."""
-    from pipeline.nn.adapters import _QuantWeight, set_fused_
-
     modules = dict(model.named_modules())
     with torch.no_grad():
         for name, t in tensors.items():
@@ -248,4 +249,4 @@ def load_tensors_into(model: nn.Module, tensors: dict[str, torch.Tensor]) -> Non
                     model.get_parameter(name).copy_(t)
             except (AttributeError, RuntimeError, IndexError) as exc:
                 raise UserError(f"packed tensor '{name}' does not fit the network "
-                                f"({str(exc).splitlines()[0][:160]})") from None
+                                f"({first_line(exc, 160)})") from None

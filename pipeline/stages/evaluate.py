@@ -1,5 +1,6 @@
 """`pipeline evaluate` (one adapter file on its target) and `pipeline bank` (one loaded base
-serving several targets by swapping adapters); with --packed, both run from the packed files alone."""
+serving several targets by swapping adapters); with --packed, both run from the packed files alone.
+Loading and swapping task states is `pipeline.runtime`, for both formats."""
 
 from __future__ import annotations
 
@@ -10,35 +11,36 @@ from pathlib import Path
 import torch
 
 from pipeline.config import Params
-from pipeline.paths import base_checkpoint, base_packed, prepared, task_dir
 from pipeline.errors import UserError
-from pipeline.nn.adapter_io import AdapterBank, apply_adapter, read_adapter
-from pipeline.nn.checkpoint import load_base, sha256
+from pipeline.nn.adapters import TransferNet
+from pipeline.nn.export import read_header
+from pipeline.nn.inference import accuracy, logits
 from pipeline.nn.memory import memory_report
+from pipeline.paths import base_checkpoint, base_packed, prepared, task_dir
+from pipeline.runtime.bank import Bank, full_copy, tensor_bytes
+from pipeline.runtime.loader import (TaskState, compare, default_base, load_state, read_adapter_state,
+                                     read_task)
+from pipeline.runtime.xnor import load_numpy_net
 from pipeline.train.datamodule import PreparedData
-from pipeline.train.evaluate import accuracy
 
 
-def _target_data(params: Params, target: str) -> PreparedData:
-    if target not in params.data.datasets:
-        raise UserError(f"unknown target '{target}'; allowed (data.datasets): {', '.join(params.data.datasets)}")
+def _target_data(params: Params, target: str, command: str = "evaluate") -> PreparedData:
+    params.dataset(target, command)
     return PreparedData(prepared(target), 1)
 
 
-def trained_net(adapter: Path, config: dict | None = None, tensors: dict | None = None):
+def trained_net(adapter: Path, state: TaskState | None = None) -> TransferNet:
     """The network as training saved it: the adapter file on its base checkpoint."""
-    if config is None:
-        config, tensors = read_adapter(adapter)
-    base_file = base_checkpoint(config.get("precision", "binary"))
-    return apply_adapter(load_base(base_file), sha256(base_file), config, tensors, source=str(adapter))
+    return load_state(state or read_adapter_state(adapter))
 
 
 def run_evaluate(params: Params, target: str, adapter: Path, split: str = "test") -> float:
-    config, tensors = read_adapter(adapter)
     data = _target_data(params, target)
+    state = read_adapter_state(adapter)
+    config = state.meta
     if config.get("dataset_sha256") != data.manifest["sha256"]:
         raise UserError(f"{adapter}: trained on target '{config.get('target')}', not on '{target}' as prepared now")
-    net = trained_net(adapter, config, tensors)
+    net = trained_net(adapter, state)
     acc = accuracy(net, *data.splits[split])
     recorded = config.get("metrics", {}).get(f"{split}_acc")
     print(f"{target} {split} accuracy {acc:.4f} (recorded {recorded if recorded is None else f'{recorded:.4f}'})")
@@ -46,21 +48,17 @@ def run_evaluate(params: Params, target: str, adapter: Path, split: str = "test"
 
 
 def run_bank(params: Params, targets: list[str], method: str) -> dict[str, float]:
-    base_file = base_checkpoint("binary")
-    base = load_base(base_file)
-    bank = AdapterBank(base, sha256(base_file))
-    base_bytes = memory_report(base).bytes
+    bank = Bank.open(base_checkpoint("binary"))
+    base_bytes = memory_report(bank.base).bytes
     accs, task_bytes, full_bytes = {}, 0.0, 0.0
     for target in targets:
-        data = _target_data(params, target)
-        stem = task_dir(target, method) / "adapter"
-        config, tensors = read_adapter(stem)
-        net = bank.activate(target, config, tensors, source=str(stem))
-        accs[target] = accuracy(net, *data.splits["test"])
+        data = _target_data(params, target, "bank")
+        net = bank.add(target, read_adapter_state(task_dir(target, method) / "adapter"))
+        accs[target] = accuracy(bank.activate(target), *data.splits["test"])
         task_bytes += memory_report(net, include=net.is_task_module).bytes
         # a full copy per target: the whole network with this target's head
         full_bytes += memory_report(net, include=lambda n, m: ".adapter" not in n).bytes
-        print(f"{target}: test accuracy {accs[target]:.4f} (recorded {config['metrics']['test_acc']:.4f})")
+        print(f"{target}: test accuracy {accs[target]:.4f} (recorded {bank.states[target].meta['metrics']['test_acc']:.4f})")
     n = len(targets)
     print(f"memory for {n} targets: base + {n} task states = {(base_bytes + task_bytes) / 1024:.2f} KiB; "
           f"{n} full copies = {full_bytes / 1024:.2f} KiB ({(base_bytes + task_bytes) / full_bytes:.1%})")
@@ -87,11 +85,10 @@ def check_packed(params: Params, task_path: Path, base_path: Path | None = None,
     """Base + task state from their packed files only, on `split` of its target: accuracy, the one
     recorded beside it, and for each of `against` (`trained`: safetensors + checkpoint; `numpy`:
     the XNOR path) the same images compared (images, argmax mismatches, largest logit difference)."""
-    from pipeline.packed import compare, default_base, load_packed_net, logits
-
     task_path = Path(task_path)
-    net, meta = load_packed_net(task_path, base_path)
-    base_path = base_path or default_base(meta)
+    state = read_task(task_path)
+    net, meta = load_state(state, base_path), state.meta
+    base_path = base_path or default_base(state)
     target = target or meta["target"]
     x, y = _packed_data(params, target, meta, task_path).splits[split]
     out = logits(net, x)
@@ -102,8 +99,6 @@ def check_packed(params: Params, task_path: Path, base_path: Path | None = None,
         if other == "trained":
             ref = logits(trained_net(task_path.with_suffix("")), x)
         else:
-            from pipeline.xnor import load_numpy_net
-
             ref = torch.from_numpy(load_numpy_net(task_path, base_path)(x.numpy()))
         result[other] = compare(out, ref)
     return result
@@ -122,13 +117,8 @@ def run_evaluate_packed(params: Params, target: str, task_path: Path, base_path:
     return r
 
 
-def run_bank_packed(params: Params, targets: list[str], method: str, swaps: int = 1000,
-                    states: list[str] | None = None) -> dict:
-    """One base from its packed file and N task states from theirs (each target's `method`, or the
-    given files), swapped in place: accuracy of each, bytes held and stored, swap time."""
-    from pipeline.nn.export import read_header
-    from pipeline.packed import PackedBank, full_copy, logits, tensor_bytes
-
+def _state_files(targets: list[str], method: str, states: list[str] | None) -> list[Path]:
+    """The packed task states to bank: the given files, or each target's `method`; all present, none twice."""
     if states:
         paths = [Path(s) for s in states]
         for p in paths:
@@ -142,22 +132,31 @@ def run_bank_packed(params: Params, targets: list[str], method: str, swaps: int 
     names = [str(p) for p in paths]
     if len(set(names)) != len(names):
         raise UserError(f"bank: a task state is named twice ({', '.join(sorted({n for n in names if names.count(n) > 1}))})")
+    return paths
+
+
+def run_bank_packed(params: Params, targets: list[str], method: str, swaps: int = 1000,
+                    states: list[str] | None = None) -> dict:
+    """One base from its packed file and N task states from theirs (each target's `method`, or the
+    given files), swapped in place: accuracy of each, bytes held and stored, swap time."""
+    paths = _state_files(targets, method, states)
+    names = [str(p) for p in paths]
     base_path = base_packed("binary")
-    bank = PackedBank(base_path)
+    bank = Bank.open(base_path)
     for name, path in zip(names, paths):
-        bank.add(name, path)
+        bank.add(name, read_task(path))
     payload = {n: read_header(p)[0]["payload_bytes"] for n, p in zip(["base"] + names, [base_path] + paths)}
     files = {n: p.stat().st_size for n, p in zip(["base"] + names, [base_path] + paths)}
     for name, path in zip(names, paths):
-        meta = bank.task_meta[name]
+        meta = bank.states[name].meta
         x, y = _packed_data(params, meta["target"], meta, path).splits["test"]
-        acc = float((logits(bank.activate(name), x).argmax(1) == y).float().mean())
+        acc = accuracy(bank.activate(name), x, y)
         recorded = _recorded(path, "test")
         print(f"{name} ({meta['target']}): test accuracy {acc:.4f} "
               f"(recorded {'n/a' if recorded is None else f'{recorded:.4f}'})")
     times = bank.swap_seconds(names, swaps)
     held = bank.resident_bytes()
-    full = [full_copy(bank.task_meta[n]) for n in names]  # what full finetuning keeps per task
+    full = [full_copy(bank.nets[n]) for n in names]  # what full finetuning keeps per task
     full_stored = sum(memory_report(f).bytes for f in full)
     full_held = sum(tensor_bytes([f]) for f in full)
     n = len(names)

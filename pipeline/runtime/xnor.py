@@ -14,7 +14,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from pipeline.errors import UserError
-from pipeline.packed import check_pair, default_base, read_base, read_task
+from pipeline.runtime.loader import check_base, default_base, read_base, read_task
 
 # bnn_vgg_small's features (pipeline.nn.backbones), in order: what each index is.
 VGG_SMALL = ["stem", "bn", "block", "pool", "block", "block", "pool", "block", "pool", "block"]
@@ -149,8 +149,9 @@ class NumpyNet:
 
 
 def load_numpy_net(task_path: Path, base_path: Path | None = None) -> NumpyNet:
-    task_meta, task_tensors = read_task(task_path)
-    base_path = Path(base_path) if base_path else default_base(task_meta)
+    """A task state's `.bnnpack` on its packed base (the pipeline's own unless given)."""
+    state = read_task(task_path)
+    base_path = Path(base_path) if base_path else default_base(state)
     base_meta, base_tensors = read_base(base_path)
-    check_pair(base_path, base_meta, task_path, task_meta)
-    return NumpyNet(base_tensors, task_meta, task_tensors)
+    check_base(state, base_meta["base_sha256"], str(base_path))
+    return NumpyNet(base_tensors, state.meta, state.tensors)
