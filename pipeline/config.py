@@ -2,6 +2,12 @@
 
 Every mistake raises `ParamsError` naming the key and what is allowed; the CLI prints it as one
 line and exits with code 2.
+
+params.yaml is the only source of values: a field here has no default unless params.yaml does not
+hold its key and leaving it out is a real choice (each such default says why), so a key missing
+from params.yaml is one line naming it. Names that live in the layers above (dataset sources,
+model names) are checked where they are used: `pipeline.data.registry` and
+`pipeline.nn.backbones.build_backbone`; this module imports nothing of the pipeline but its errors.
 """
 
 from __future__ import annotations
@@ -20,12 +26,6 @@ import yaml
 from pipeline.errors import UserError
 
 
-# Fixed output locations (DESIGN.md's output contract); dvc.yaml names the same paths.
-PREPARED = Path("data/prepared")
-BASE_DIR = Path("models/base")
-METRICS_DIR = Path("reports/metrics")
-
-
 class ParamsError(UserError):
     pass
 
@@ -39,9 +39,9 @@ def _range(**bounds: float) -> dict:
 
 @dataclass(frozen=True)
 class Split:
-    train: float = field(default=0.7, metadata=_range(gt=0, lt=1))
-    val: float = field(default=0.15, metadata=_range(gt=0, lt=1))
-    test: float = field(default=0.15, metadata=_range(gt=0, lt=1))
+    train: float = field(metadata=_range(gt=0, lt=1))
+    val: float = field(metadata=_range(gt=0, lt=1))
+    test: float = field(metadata=_range(gt=0, lt=1))
 
     def check(self, path: str) -> None:
         total = self.train + self.val + self.test
@@ -51,19 +51,17 @@ class Split:
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """A prepared dataset: a registry source, an optional class subset (relabelled 0..k-1)."""
+    """A prepared dataset: a registry source, an optional class subset (relabelled 0..k-1).
+    `source` and the classes' range are checked against the registry when the dataset is
+    prepared (`pipeline.data.registry.source_of`)."""
 
     source: str
-    classes: Optional[list[int]] = None
-    path: Optional[str] = None  # for `npz`: the user's file
-    max_per_class: Optional[int] = field(default=None, metadata=_range(ge=1))
+    # Optional per dataset, so params.yaml writes them only where they apply:
+    classes: Optional[list[int]] = None  # None: every class of the source
+    path: Optional[str] = None  # only for `npz`: the user's file
+    max_per_class: Optional[int] = field(default=None, metadata=_range(ge=1))  # None: no cap
 
     def check(self, path: str) -> None:
-        from pipeline.data.registry import SOURCES
-
-        if self.source not in SOURCES:
-            raise ParamsError(f"{path}.source: unknown dataset '{self.source}'; allowed: {', '.join(SOURCES)}")
-        info = SOURCES[self.source]
         if self.source == "npz" and not self.path:
             raise ParamsError(f"{path}.path: required for source 'npz' (a .npz file with arrays x and y)")
         if self.classes is not None:
@@ -71,23 +69,16 @@ class DatasetSpec:
                 raise ParamsError(f"{path}.classes: empty list; give at least 2 classes or omit it")
             if len(set(self.classes)) != len(self.classes):
                 raise ParamsError(f"{path}.classes: {self.classes} repeats a class")
-            if info.num_classes is not None:
-                bad = [c for c in self.classes if not 0 <= c < info.num_classes]
-                if bad:
-                    raise ParamsError(
-                        f"{path}.classes: {bad} not in dataset '{self.source}'; "
-                        f"allowed: 0..{info.num_classes - 1}"
-                    )
 
 
 @dataclass(frozen=True)
 class Data:
-    raw_dir: str = "data/raw"  # downloaded / user-supplied files; outputs go to data/prepared
-    input_size: int = field(default=28, metadata=_range(ge=8, le=512))
-    channels: int = field(default=1, metadata=_range(ge=1, le=3))
-    seed: int = 0
-    split: Split = Split()
-    datasets: dict[str, DatasetSpec] = field(default_factory=dict)
+    raw_dir: str  # downloaded / user-supplied files; outputs go to data/prepared
+    input_size: int = field(metadata=_range(ge=8, le=512))
+    channels: int = field(metadata=_range(ge=1, le=3))
+    seed: int
+    split: Split
+    datasets: dict[str, DatasetSpec]
 
     def check(self, path: str) -> None:
         for name in self.datasets:
@@ -97,46 +88,48 @@ class Data:
 
 @dataclass(frozen=True)
 class Model:
-    name: str = "bnn_vgg_small"
-    width: int = field(default=32, metadata=_range(ge=1, le=1024))
-
-    def check(self, path: str) -> None:
-        from pipeline.nn.backbones import BACKBONES
-
-        if self.name not in BACKBONES:
-            raise ParamsError(f"{path}.name: unknown model '{self.name}'; allowed: {', '.join(BACKBONES)}")
+    name: str  # checked when the backbone is built (`pipeline.nn.backbones.build_backbone`)
+    width: int = field(metadata=_range(ge=1, le=1024))
 
 
 @dataclass(frozen=True)
 class Optim:
-    """How one stage trains: shared shape for pretrain and transfer sections. The training rule
-    of every arm: up to `max_epochs`, early stopping on val accuracy after `patience` epochs
-    without a gain above `min_delta`, the best-val weights restored."""
+    """How one stage trains, without the lr (`transfer.optim`: each arm's lr comes from
+    transfer.lr_grid). The training rule of every arm: up to `max_epochs`, early stopping on val
+    accuracy after `patience` epochs without a gain above `min_delta`, the best-val weights
+    restored."""
 
-    max_epochs: int = field(default=10, metadata=_range(ge=1))
-    patience: int = field(default=5, metadata=_range(ge=1))
-    min_delta: float = field(default=0.0, metadata=_range(ge=0, lt=1))
-    batch_size: int = field(default=128, metadata=_range(ge=1))
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = field(default=0.005, metadata=_range(gt=0, le=10))
-    weight_decay: float = field(default=0.0, metadata=_range(ge=0))
-    scheduler: Literal["none", "cosine", "step"] = "cosine"
-    step_size: int = field(default=5, metadata=_range(ge=1))  # epochs, for `step`
-    gamma: float = field(default=0.1, metadata=_range(gt=0, le=1))  # decay, for `step`
+    max_epochs: int = field(metadata=_range(ge=1))
+    patience: int = field(metadata=_range(ge=1))
+    min_delta: float = field(metadata=_range(ge=0, lt=1))
+    batch_size: int = field(metadata=_range(ge=1))
+    optimizer: Literal["adam", "adamw", "sgd"]
+    weight_decay: float = field(metadata=_range(ge=0))
+    scheduler: Literal["none", "cosine", "step"]
+    # Read only by scheduler `step`, so params.yaml (cosine) leaves them out:
+    step_size: int = field(default=5, metadata=_range(ge=1))  # epochs between decays
+    gamma: float = field(default=0.1, metadata=_range(gt=0, le=1))  # decay factor
+
+
+@dataclass(frozen=True, kw_only=True)  # kw_only: a field without default after Optim's defaults
+class PretrainOptim(Optim):
+    """`pretrain.optim`: the budget and optimiser of Optim plus the one lr."""
+
+    lr: float = field(metadata=_range(gt=0, le=10))
 
 
 @dataclass(frozen=True)
 class Trainer:
     """Hardware and reproducibility, passed to Lightning as is."""
 
-    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"] = "cpu"
-    devices: Union[int, str, list[int]] = 1  # a count, "auto", -1 (all) or a list of device indices
-    strategy: str = "auto"  # auto, ddp, ddp_spawn, fsdp, deepspeed, ... (Lightning's names)
-    precision: Literal["32-true", "32", "64-true", "64", "16-mixed", "bf16-mixed", "16-true", "bf16-true"] = "32-true"
-    deterministic: bool = True
-    num_workers: int = field(default=0, metadata=_range(ge=0))
-    progress_bar: bool = True
-    threads: int = field(default=0, metadata=_range(ge=0))  # torch threads; 0 = torch's default
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps", "tpu"]
+    devices: Union[int, str, list[int]]  # a count, "auto", -1 (all) or a list of device indices
+    strategy: str  # auto, ddp, ddp_spawn, fsdp, deepspeed, ... (Lightning's names)
+    precision: Literal["32-true", "32", "64-true", "64", "16-mixed", "bf16-mixed", "16-true", "bf16-true"]
+    deterministic: bool
+    num_workers: int = field(metadata=_range(ge=0))
+    progress_bar: bool
+    threads: int = field(metadata=_range(ge=0))  # torch threads; 0 = torch's default
 
     def check(self, path: str) -> None:
         d = self.devices
@@ -149,51 +142,55 @@ class Trainer:
 
 @dataclass(frozen=True)
 class Pretrain:
-    source: str = "mnist_0to4"
-    precisions: list[Literal["binary", "fp32"]] = field(default_factory=lambda: ["binary", "fp32"])
-    optim: Optim = Optim()
+    source: str
+    precisions: list[Literal["binary", "fp32"]]
+    optim: PretrainOptim
 
 
 @dataclass(frozen=True)
 class Prune:
-    amount: float = field(default=0.0, metadata=_range(ge=0, lt=1))  # target sparsity of adapter weights
-    rounds: int = field(default=3, metadata=_range(ge=1))
-    epochs: int = field(default=1, metadata=_range(ge=1))  # finetune epochs after each round
-    scope: Literal["layer", "global"] = "layer"
+    amount: float = field(metadata=_range(ge=0, lt=1))  # target sparsity of adapter weights
+    rounds: int = field(metadata=_range(ge=1))
+    epochs: int = field(metadata=_range(ge=1))  # finetune epochs after each round
+    scope: Literal["layer", "global"]
 
 
 @dataclass(frozen=True)
 class Adapter:
     """The task-specific state of the `serial` and `parallel` methods."""
 
-    groups: int = field(default=1, metadata=_range(ge=1))
-    reduction: int = field(default=1, metadata=_range(ge=1))
-    placement: Union[str, list[int]] = "all"  # all | last:K | list of block indices
-    task_bn: bool = False
-    bits: Literal[32, 8, 4, 2, 1, "ternary"] = 32  # k-bit levels + a scale per output channel
-    bn_bits: Literal[32, 16] = 32  # adapter and task BN (fused) and adapter weight scales
-    learn_scale: bool = False      # LSQ step sizes instead of the closed-form scales
-    prune: Prune = Prune()
+    groups: int = field(metadata=_range(ge=1))
+    reduction: int = field(metadata=_range(ge=1))
+    placement: Union[str, list[int]]  # all | last:K | list of block indices
+    task_bn: bool
+    bits: Literal[32, 8, 4, 2, 1, "ternary"]  # k-bit levels + a scale per output channel
+    bn_bits: Literal[32, 16]  # adapter and task BN (fused) and adapter weight scales
+    learn_scale: bool         # LSQ step sizes instead of the closed-form scales
+    prune: Prune
 
     def check(self, path: str) -> None:
-        p = self.placement
-        if isinstance(p, str) and p != "all" and not (p.startswith("last:") and p[5:].isdigit() and int(p[5:]) >= 1):
-            raise ParamsError(f"{path}.placement: '{p}' is not allowed; allowed: all, last:K (K >= 1), or a list of block indices")
-        if isinstance(p, list) and (not p or min(p) < 0 or len(set(p)) != len(p)):
-            raise ParamsError(f"{path}.placement: {p}: give distinct block indices >= 0")
+        check_placement(self.placement, f"{path}.placement")
+
+
+def check_placement(p: Union[str, list[int]], key: str) -> None:
+    """An adapter placement: `all`, `last:K` (K >= 1) or a list of distinct block indices."""
+    if isinstance(p, str) and p != "all" and not (p.startswith("last:") and p[5:].isdigit() and int(p[5:]) >= 1):
+        raise ParamsError(f"{key}: '{p}' is not allowed; allowed: all, last:K (K >= 1), or a list of block indices")
+    if isinstance(p, list) and (not p or min(p) < 0 or len(set(p)) != len(p)):
+        raise ParamsError(f"{key}: {p}: give distinct block indices >= 0")
 
 
 @dataclass(frozen=True)
 class Transfer:
-    targets: list[str] = field(default_factory=lambda: ["mnist_5to9", "uci_digits"])
+    targets: list[str]
     # Two lists, two DVC stages: a change to the adapter section reruns only the adapter methods.
-    baselines: list[Literal["full", "head"]] = field(default_factory=lambda: ["full", "head"])
-    adapters: list[Literal["serial", "parallel"]] = field(default_factory=lambda: ["serial", "parallel"])
+    baselines: list[Literal["full", "head"]]
+    adapters: list[Literal["serial", "parallel"]]
     # Every method that trains a new head (head, serial, parallel) stores it at these bits.
-    head_bits: Literal[32, 8, 4, 2] = 8
+    head_bits: Literal[32, 8, 4, 2]
     # Each method's lr is chosen on val from this grid (first seed); the other seeds repeat it.
-    lr_grid: list[float] = field(default_factory=lambda: [0.003, 0.01, 0.03])
-    optim: Optim = Optim()
+    lr_grid: list[float]
+    optim: Optim  # no lr: it comes from lr_grid
 
     def check(self, path: str) -> None:
         for key in ("targets", "baselines", "adapters", "lr_grid"):
@@ -206,9 +203,9 @@ class Transfer:
 
 @dataclass(frozen=True)
 class FloatRange:
-    low: float = field(default=1e-3, metadata=_range(gt=0))
-    high: float = field(default=1e-2, metadata=_range(gt=0))
-    log: bool = True
+    low: float = field(metadata=_range(gt=0))
+    high: float = field(metadata=_range(gt=0))
+    log: bool
 
     def check(self, path: str) -> None:
         if self.low > self.high:
@@ -219,15 +216,15 @@ class FloatRange:
 class SearchSpace:
     """Choices per knob; a one-element list fixes it."""
 
-    method: list[Literal["serial", "parallel"]] = field(default_factory=lambda: ["serial", "parallel"])
-    groups: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])
-    reduction: list[int] = field(default_factory=lambda: [1])
-    placement: list[str] = field(default_factory=lambda: ["all", "last:4", "last:3", "last:2", "last:1"])
-    bits: list[Literal[32, 8, 4, 2, 1, "ternary"]] = field(default_factory=lambda: [32, 8, 4, 2, 1])
-    prune_amount: list[float] = field(default_factory=lambda: [0.0, 0.5, 0.9])
-    task_bn: list[bool] = field(default_factory=lambda: [False, True])
-    head_bits: list[Literal[32, 8, 4, 2]] = field(default_factory=lambda: [8])  # near the small end the head is most of a task
-    lr: FloatRange = FloatRange(low=0.003, high=0.03, log=True)
+    method: list[Literal["serial", "parallel"]]
+    groups: list[int]
+    reduction: list[int]
+    placement: list[str]
+    bits: list[Literal[32, 8, 4, 2, 1, "ternary"]]
+    prune_amount: list[float]
+    task_bn: list[bool]
+    head_bits: list[Literal[32, 8, 4, 2]]  # near the small end the head is most of a task
+    lr: FloatRange
 
     def check(self, path: str) -> None:
         for f in dataclasses.fields(self):
@@ -241,36 +238,36 @@ class SearchSpace:
             if not 0 <= a < 1:
                 raise ParamsError(f"{path}.prune_amount: {a} out of range; allowed: 0 <= amount < 1")
         for p in self.placement:
-            Adapter(placement=p).check(f"{path}.placement")
+            check_placement(p, f"{path}.placement")
 
 
 @dataclass(frozen=True)
 class Sweep:
-    n_trials: int = field(default=12, metadata=_range(ge=1))
-    workers: int = field(default=1, metadata=_range(ge=1, le=64))
-    storage: Optional[str] = None  # None: journal file reports/sweep/<target>/optuna.journal
-    study_name: Optional[str] = None  # None: derived from a hash of the settings (reruns resume)
-    sampler: Literal["tpe", "nsga2"] = "tpe"
-    n_startup_trials: int = field(default=10, metadata=_range(ge=0))  # random trials before the sampler's model
-    anchors: bool = True  # first trials: the smallest and largest configuration of each adapter type
-    seed: int = 0
+    n_trials: int = field(metadata=_range(ge=1))
+    workers: int = field(metadata=_range(ge=1, le=64))
+    storage: Optional[str]  # None: journal file reports/sweep/<target>/optuna.journal
+    study_name: Optional[str]  # None: derived from a hash of the settings (reruns resume)
+    sampler: Literal["tpe", "nsga2"]
+    n_startup_trials: int = field(metadata=_range(ge=0))  # random trials before the sampler's model
+    anchors: bool  # first trials: the smallest and largest configuration of each adapter type
+    seed: int
     # Trials follow the training rule with transfer.optim, capped at these epochs; the Pareto
     # points are then retrained on every seed at transfer.optim's own budget.
-    max_epochs: int = field(default=10, metadata=_range(ge=1))
-    stale_after_s: int = field(default=60, metadata=_range(ge=1))  # RUNNING trial without heartbeat
-    max_failures_in_a_row: int = field(default=10, metadata=_range(ge=1))  # then stop: something is wrong beyond one trial
-    reference_accuracy: float = field(default=0.0, metadata=_range(ge=0, le=1))  # hypervolume reference point
-    reference_memory_pct: float = field(default=100.0, metadata=_range(gt=0))
-    space: SearchSpace = SearchSpace()
+    max_epochs: int = field(metadata=_range(ge=1))
+    stale_after_s: int = field(metadata=_range(ge=1))  # RUNNING trial without heartbeat
+    max_failures_in_a_row: int = field(metadata=_range(ge=1))  # then stop: something is wrong beyond one trial
+    reference_accuracy: float = field(metadata=_range(ge=0, le=1))  # hypervolume reference point
+    reference_memory_pct: float = field(metadata=_range(gt=0))
+    space: SearchSpace
 
 
 @dataclass(frozen=True)
 class Report:
-    band_low: float = field(default=0.07, metadata=_range(ge=0, le=1))  # the prior study's band
-    band_high: float = field(default=0.12, metadata=_range(gt=0, le=10))
-    max_ratio: float = field(default=0.12, metadata=_range(gt=0))  # "small adapter" budget for question 1
-    n_tasks: int = field(default=10, metadata=_range(ge=1, le=1000))
-    dpi: int = field(default=110, metadata=_range(ge=30, le=600))
+    band_low: float = field(metadata=_range(ge=0, le=1))  # the prior study's band
+    band_high: float = field(metadata=_range(gt=0, le=10))
+    max_ratio: float = field(metadata=_range(gt=0))  # "small adapter" budget for question 1
+    n_tasks: int = field(metadata=_range(ge=1, le=1000))
+    dpi: int = field(metadata=_range(ge=30, le=600))
 
     def check(self, path: str) -> None:
         if self.band_low >= self.band_high:
@@ -279,8 +276,8 @@ class Report:
 
 @dataclass(frozen=True)
 class Tracking:
-    uri: Optional[str] = None  # None: MLFLOW_TRACKING_URI, else sqlite:///<project root>/mlflow.db
-    experiment: str = "bnn-adapters"
+    uri: Optional[str]  # None: MLFLOW_TRACKING_URI, else sqlite:///<project root>/mlflow.db
+    experiment: str
 
     SCHEMES = ("file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
 
@@ -296,16 +293,24 @@ class Tracking:
 
 @dataclass(frozen=True)
 class Params:
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    data: Data = Data()
-    model: Model = Model()
-    trainer: Trainer = Trainer()
-    pretrain: Pretrain = Pretrain()
-    adapter: Adapter = Adapter()
-    transfer: Transfer = Transfer()
-    sweep: Sweep = Sweep()
-    report: Report = Report()
-    tracking: Tracking = Tracking()
+    seeds: list[int]
+    data: Data
+    model: Model
+    trainer: Trainer
+    pretrain: Pretrain
+    adapter: Adapter
+    transfer: Transfer
+    sweep: Sweep
+    report: Report
+    tracking: Tracking
+
+    def dataset(self, name: str, where: str, noun: str = "target") -> DatasetSpec:
+        """data.datasets[name], or a ParamsError `<where>: unknown <noun> '<name>'; allowed
+        (data.datasets): ...` (where: the command or the params key that named it)."""
+        if name not in self.data.datasets:
+            raise ParamsError(f"{where}: unknown {noun} '{name}'; allowed (data.datasets): "
+                              f"{', '.join(self.data.datasets) or '(none defined)'}")
+        return self.data.datasets[name]
 
     def check(self, path: str) -> None:
         if not self.seeds:
@@ -315,17 +320,9 @@ class Params:
                 raise ParamsError(f"seeds[{i}]: {seed} is out of range; allowed: 0 <= seed < 2**32")
         if len(set(self.seeds)) != len(self.seeds):
             raise ParamsError(f"seeds: {self.seeds} repeats a seed")
-        if self.pretrain.source not in self.data.datasets:
-            raise ParamsError(
-                f"pretrain.source: '{self.pretrain.source}' is not a dataset in data.datasets; "
-                f"allowed: {', '.join(self.data.datasets) or '(none defined)'}"
-            )
+        self.dataset(self.pretrain.source, "pretrain.source", "dataset")
         for i, t in enumerate(self.transfer.targets):
-            if t not in self.data.datasets:
-                raise ParamsError(
-                    f"transfer.targets[{i}]: '{t}' is not a dataset in data.datasets; "
-                    f"allowed: {', '.join(self.data.datasets)}"
-                )
+            self.dataset(t, f"transfer.targets[{i}]")
 
 
 # ---------------------------------------------------------------------------------- loading

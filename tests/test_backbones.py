@@ -90,6 +90,18 @@ def test_backbone_registry_names():
     assert set(BACKBONES) == {"bnn_vgg_small", "birealnet18"}
 
 
+@pytest.mark.parametrize("key", ["model.name", "memory: --model"])
+def test_unknown_model_is_one_params_error_naming_the_key(key):
+    """The backbone builder (not the config loader) knows the model names."""
+    from pipeline.config import ParamsError
+    from pipeline.errors import UserError
+
+    with pytest.raises(ParamsError) as exc:
+        build_backbone(Arch("resnet50", "binary", 10), key=key)
+    assert str(exc.value) == f"{key}: unknown model 'resnet50'; allowed: bnn_vgg_small, birealnet18"
+    assert isinstance(exc.value, UserError) and exc.value.exit_code == 2
+
+
 # -------------------------------------------------------------------------- parameter counts
 
 

@@ -110,12 +110,18 @@ class Case:
     tamper: tuple[tuple[str, str], ...] = field(default=())  # (op, relpath) on the project, restored after
 
 
+DROP = object()  # setp(path, DROP): leave the key out
+
+
 def setp(path: str, value) -> Callable[[dict], None]:
     def mutate(d: dict) -> None:
         *parents, last = path.split(".")
         for key in parents:
             d = d[key]
-        d[last] = value
+        if value is DROP:
+            del d[last]
+        else:
+            d[last] = value
     return mutate
 
 
@@ -232,6 +238,8 @@ CASES = [
          params=setp("adapter.prune.rounds", 2.5)),
     Case("prune-unknown-key", R, 2, ("adapter.prune.method", "unknown key", "scope"),
          params=setp("adapter.prune.method", "l1")),
+    Case("prune-key-missing", R, 2, ("adapter.prune.rounds", "missing", "an integer"),
+         params=setp("adapter.prune.rounds", DROP)),
     Case("prune-out-of-range", R, 2, ("adapter.prune.amount", "out of range", "< 1"),
          params=setp("adapter.prune.amount", 1.0)),
     Case("prune-scope-not-allowed", R, 2, ("adapter.prune.scope", "not allowed", "'layer', 'global'"),
@@ -261,6 +269,10 @@ CASES = [
          params=setp("sweep.n_startup_trials", -1)),
     Case("sweep-anchors-not-bool", R, 2, ("sweep.anchors", "wrong type", "true/false"),
          params=setp("sweep.anchors", "yes")),
+    Case("transfer-optim-lr", R, 2, ("transfer.optim.lr", "unknown key", "max_epochs", "gamma"),
+         params=setp("transfer.optim.lr", 0.01)),  # each arm's lr comes from transfer.lr_grid
+    Case("transfer-optim-key-missing", R, 2, ("transfer.optim.max_epochs", "missing", "an integer"),
+         params=setp("transfer.optim.max_epochs", DROP)),
     Case("transfer-patience-out-of-range", R, 2, ("transfer.optim.patience", "out of range", ">= 1"),
          params=setp("transfer.optim.patience", 0)),
     Case("transfer-out-of-range", R, 2, ("transfer.optim.batch_size", "out of range", ">= 1"),
@@ -271,7 +283,7 @@ CASES = [
          params=setp("transfer.baselines", ["serial"])),
     Case("transfer-method-repeated", R, 2, ("transfer.adapters", "repeats an entry"),
          params=setp("transfer.adapters", ["serial", "serial"])),
-    Case("transfer-target-undefined", R, 2, ("transfer.targets[0]", "svhn_all", "allowed: mnist_0to4"),
+    Case("transfer-target-undefined", R, 2, ("transfer.targets[0]", "svhn_all", "allowed (data.datasets): mnist_0to4"),
          params=setp("transfer.targets", ["svhn_all"])),
     # --- params: sweep ------------------------------------------------------------------------
     Case("sweep-wrong-type", R, 2, ("sweep.storage", "wrong type", "a string or null"),
@@ -317,6 +329,12 @@ CASES = [
     # --- prepare / transfer: names and prepared data --------------------------------------------
     Case("prepare-unknown-dataset", ("prepare", "cifar_all"), 2,
          ("unknown dataset 'cifar_all'", "allowed (data.datasets): mnist_0to4, mnist_5to9, uci_digits")),
+    *(Case(f"{cmd}-unknown-target", args, 2,
+           (f"{cmd}: unknown target 'cifar_all'", "allowed (data.datasets): mnist_0to4, mnist_5to9, uci_digits"))
+      for cmd, args in [("transfer", ("transfer", "--target", "cifar_all", "--method", "serial")),
+                        ("sweep", ("sweep", "--target", "cifar_all")),
+                        ("evaluate", ("evaluate", "--target", "cifar_all", "--adapter", "models/mnist_5to9/serial/adapter.safetensors")),
+                        ("bank", ("bank", "--targets", "cifar_all"))]),
     Case("transfer-target-not-prepared", ("transfer", "--target", "extra_digits", "--method", "serial"), 2,
          ("data/prepared/extra_digits", "not a prepared dataset", "pipeline prepare extra_digits"),
          params=add_dataset("extra_digits", {"source": "uci_digits", "max_per_class": 40})),

@@ -9,7 +9,7 @@ import io
 import json
 import pickle
 import struct
-
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +18,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from pipeline.config import Data, DatasetSpec, Split
-from pipeline.data.prepare import load_prepared, prepare_dataset, stratified_split
+from conftest import tiny_params
+from pipeline.config import DatasetSpec, ParamsError, parse_params
+from pipeline.data.prepare import prepare_dataset, stratified_split
+from pipeline.data.prepared import load_prepared
 from pipeline.data.registry import SOURCES
 from pipeline.errors import UserError
 
@@ -94,8 +96,8 @@ def _write_npz(path, counts_per_class=20, n_classes=3, size=10, rgb=True, seed=0
 
 
 def _data(tmp_path, input_size=12, channels=3, seed=0):
-    return Data(raw_dir=str(tmp_path / "raw"), input_size=input_size, channels=channels, seed=seed,
-                split=Split(0.7, 0.15, 0.15))
+    data = parse_params(tiny_params(**{"data.split": {"train": 0.7, "val": 0.15, "test": 0.15}})).data
+    return replace(data, raw_dir=str(tmp_path / "raw"), input_size=input_size, channels=channels, seed=seed)
 
 
 @pytest.fixture
@@ -210,6 +212,24 @@ def test_prepare_small_classes_fail_as_user_error_not_crash(tmp_path):
         return
     for split in ("train", "val", "test"):
         assert all(v >= 1 for v in m["counts"][split].values()), m["counts"]
+
+
+@pytest.mark.parametrize("spec,key,words", [
+    (DatasetSpec(source="imagenet22k"), "data.datasets.extra.source",
+     ("unknown dataset 'imagenet22k'", "allowed: mnist5k, uci_digits, npz")),
+    (DatasetSpec(source="mnist5k", classes=[0, 1, 12]), "data.datasets.extra.classes",
+     ("[12] not in dataset 'mnist5k'", "allowed: 0..9")),
+])
+def test_registry_refuses_a_bad_source_before_anything_is_written(tmp_path, spec, key, words):
+    """The registry (not the config loader) knows the sources: prepare refuses an unknown one,
+    or classes the source lacks, as one ParamsError naming the key, and writes nothing."""
+    out = tmp_path / "prepared" / "extra"
+    with pytest.raises(ParamsError) as exc:
+        prepare_dataset("extra", spec, _data(tmp_path), out)
+    msg = str(exc.value)
+    assert msg.startswith(f"{key}: ") and "\n" not in msg, msg
+    assert all(w in msg for w in words), msg
+    assert not (tmp_path / "prepared").exists()
 
 
 # ----------------------------------------------------------------------- npz source errors

@@ -1,22 +1,23 @@
-"""Turn a registry source into prepared splits: class subset, resize, split, normalise, write."""
+"""Turn a registry source into prepared splits: class subset, resize, split, normalise, write
+(the write side of the prepared format; `pipeline.data.prepared` reads it back)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from sklearn.model_selection import train_test_split
 
 from pipeline.config import Data, DatasetSpec
-from pipeline.data.registry import SOURCES
+from pipeline.data.prepared import SPLITS
+from pipeline.data.registry import source_of
 from pipeline.errors import UserError
+from pipeline.io import sha256
 
-SPLITS = ("train", "val", "test")
 
 
 def select_classes(x: np.ndarray, y: np.ndarray, classes: list[int] | None, name: str):
@@ -61,16 +62,8 @@ def stratified_split(y: np.ndarray, fractions: tuple[float, float, float], seed:
     return np.sort(train), np.sort(val), np.sort(test)
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def prepare_dataset(name: str, spec: DatasetSpec, data: Data, out_dir: Path) -> dict:
-    source = SOURCES[spec.source]
+    source = source_of(name, spec)  # before anything is read or written
     x, y = source.load(Path(data.raw_dir), spec.path)
     x, y, classes = select_classes(x, y, spec.classes, name)
     x, y = cap_per_class(x, y, spec.max_per_class, data.seed)
@@ -113,27 +106,6 @@ def prepare_dataset(name: str, spec: DatasetSpec, data: Data, out_dir: Path) -> 
         file = out_dir / f"{split}.safetensors"
         save_file({"x": xs, "y": ys}, str(file))
         manifest["counts"][split] = {str(c): int((ys == c).sum()) for c in range(len(classes))}
-        manifest["sha256"][split] = sha256_file(file)
+        manifest["sha256"][split] = sha256(file)
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
-
-
-def load_prepared(folder: Path) -> tuple[dict, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """Read a prepared dataset, checking it is complete and unchanged since `prepare`."""
-    folder = Path(folder)
-    manifest_file = folder / "manifest.json"
-    if not manifest_file.exists():
-        raise UserError(f"{folder}: not a prepared dataset (no manifest.json); run `pipeline prepare {folder.name}`")
-    try:
-        manifest = json.loads(manifest_file.read_text())
-        expected = manifest["sha256"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise UserError(f"{manifest_file}: corrupt manifest; rerun `pipeline prepare {folder.name}`") from None
-    splits = {}
-    for split in SPLITS:
-        file = folder / f"{split}.safetensors"
-        if not file.exists() or sha256_file(file) != expected.get(split):
-            raise UserError(f"{file}: missing or changed since prepare; rerun `pipeline prepare {folder.name}`")
-        t = load_file(str(file))
-        splits[split] = (t["x"], t["y"])
-    return manifest, splits

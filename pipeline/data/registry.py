@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from pipeline.config import DatasetSpec, ParamsError
 from pipeline.errors import UserError
 
 Loader = Callable[[Path, Optional[str]], tuple[np.ndarray, np.ndarray]]
@@ -202,3 +203,18 @@ SOURCES: dict[str, Source] = {
         100, "CIFAR-100 (fine labels)"),
     "svhn": Source(load_svhn, 10, "SVHN cropped digits"),
 }
+
+
+def source_of(name: str, spec: DatasetSpec) -> Source:
+    """The registry source of `data.datasets.<name>`, its class subset checked against the
+    source's classes: a ParamsError naming the key, before anything is read or written."""
+    key = f"data.datasets.{name}"
+    if spec.source not in SOURCES:
+        raise ParamsError(f"{key}.source: unknown dataset '{spec.source}'; allowed: {', '.join(SOURCES)}")
+    source = SOURCES[spec.source]
+    if spec.classes is not None and source.num_classes is not None:
+        bad = [c for c in spec.classes if not 0 <= c < source.num_classes]
+        if bad:
+            raise ParamsError(f"{key}.classes: {bad} not in dataset '{spec.source}'; "
+                              f"allowed: 0..{source.num_classes - 1}")
+    return source

@@ -13,6 +13,7 @@ from typing import Callable, Literal, Optional
 import torch
 import torch.nn as nn
 
+from pipeline.config import ParamsError
 from pipeline.nn.binary import QuantConv2d, relu, ste_sign
 
 Precision = Literal["binary", "fp32"]
@@ -138,5 +139,9 @@ BACKBONES: dict[str, Callable[[Arch], Backbone]] = {
 }
 
 
-def build_backbone(arch: Arch) -> Backbone:
+def build_backbone(arch: Arch, key: str = "model.name") -> Backbone:
+    """The backbone `arch` names; an unknown name is a ParamsError naming `key` (the params key
+    or CLI option it came from), raised before anything is built."""
+    if arch.name not in BACKBONES:
+        raise ParamsError(f"{key}: unknown model '{arch.name}'; allowed: {', '.join(BACKBONES)}")
     return BACKBONES[arch.name](arch)
