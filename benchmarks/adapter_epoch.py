@@ -13,7 +13,8 @@ import tempfile
 from dataclasses import replace
 
 from pipeline.config import load_params
-from pipeline.train.transfer import build_net
+from pipeline.train.spec import from_params
+from pipeline.train.transfer import build
 from pipeline.train.module import Classifier
 from pipeline.train.trainer import make_trainer, seed_everything
 
@@ -32,9 +33,10 @@ def main() -> None:
     medians = {}
     for method in args.methods:
         seed_everything(0, params)
-        net, data, _ = build_net(params, args.target, method, "binary", 0, params.adapter, o.batch_size)
+        spec = replace(from_params(params, args.target, method, "binary", 0.005, 0), optim=o)
+        net, data, _ = build(params, spec)
         run = make_trainer(params, run_name=f"benchmark-{method}", tags={"stage": "benchmark"}, optim=o)
-        run.trainer.fit(Classifier(net, o, data.num_classes), datamodule=data)
+        run.trainer.fit(Classifier(net, o, spec.lr, data.num_classes), datamodule=data)
         times = [r.train_seconds for r in run.timing.history]
         medians[method] = statistics.median(times)
         print(f"{method:9s} epoch {medians[method]:.3f} s (epochs {', '.join(f'{t:.2f}' for t in times)})")

@@ -15,14 +15,15 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from pipeline.config import Adapter, load_params
+from pipeline.config import load_params
 from pipeline.paths import METRICS_DIR, base_checkpoint, prepared
 from pipeline.console import quiet
 from pipeline.nn.binary import storage_bits
 from pipeline.nn.checkpoint import load_base
 from pipeline.stats import mean_ci
 from pipeline.train.datamodule import PreparedData
-from pipeline.train.transfer import train_transfer
+from pipeline.train import transfer
+from pipeline.train.spec import from_params
 
 
 def by_hand(bits, bn_bits: int, head_bits: int, classes: int) -> float:
@@ -55,10 +56,12 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for b in args.bits:
         bits = b if b == "ternary" else int(b)
-        adapter = Adapter(groups=1, reduction=1, placement="all", bits=bits, bn_bits=p.adapter.bn_bits)
-        rows = [train_transfer(p, target=args.target, method="parallel", precision="binary", seed=s, adapter=adapter,
-                               optim=replace(p.transfer.optim, lr=lr), out=out, stem=f"b{b}_s{s}",
-                               run_name=f"bits-table-{args.target}-{b}bit-s{s}", tags={"stage": "benchmark"})[0]
+        pb = replace(p, adapter=replace(p.adapter, groups=1, reduction=1, placement="all", bits=bits, task_bn=False,
+                                        learn_scale=False, prune=replace(p.adapter.prune, amount=0.0)))
+        base_bytes = transfer.base_memory_bytes()
+        rows = [transfer.run(pb, from_params(pb, args.target, "parallel", "binary", lr, s),
+                             transfer.Tracking(f"bits-table-{args.target}-{b}bit-s{s}", {"stage": "benchmark"}),
+                             out, f"b{b}_s{s}", base_bytes).row
                 for s in p.seeds]
         hand = by_hand(bits, p.adapter.bn_bits, p.transfer.head_bits, classes)
         mem = {r["task_memory_bytes"] for r in rows}

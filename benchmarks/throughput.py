@@ -59,7 +59,7 @@ def main() -> None:
 
     seed_everything(0, params)
     run = make_trainer(params, run_name="benchmark-lightning", tags={"stage": "benchmark"}, optim=o)
-    run.trainer.fit(Classifier(build_backbone(arch), o, data.num_classes), datamodule=data)
+    run.trainer.fit(Classifier(build_backbone(arch), o, o.lr, data.num_classes), datamodule=data)
     lightning = [r.train_seconds for r in run.timing.history]
 
     seed_everything(0, params)

@@ -21,7 +21,7 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def sha256(data: bytes | str | Path | Any, *, length: int | None = None) -> str:
+def sha256(data: bytes | Path | Any, *, length: int | None = None) -> str:
     """The one sha256 helper: of a file (a Path), of bytes, or of any JSON-able value (sorted
     keys, so equal settings give equal digests); `length` truncates the hex digest."""
     if isinstance(data, Path):

@@ -9,6 +9,7 @@ import copy
 import hashlib
 import json
 import os
+from dataclasses import replace
 from typing import Optional
 
 import numpy as np
@@ -17,18 +18,20 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file
 
-from conftest import backbone_with_bn_stats
+from conftest import backbone_with_bn_stats, tiny_params
 from pipeline.config import Optim, parse_params
 from pipeline.data.prepare import prepare_dataset
 from pipeline.errors import UserError
-from pipeline.nn.adapter_io import AdapterBank, apply_adapter, read_adapter, save_adapter
-from pipeline.nn.adapters import (FUSED_EPS, ResidualAdapter, AdapterConv, TaskSpec, QuantLinear, TransferNet,
-                                  resolve_placement)
+from pipeline.nn.adapter_io import read_adapter, save_adapter
+from pipeline.nn.adapters import ResidualAdapter, AdapterConv, TaskSpec, QuantLinear, TransferNet, resolve_placement
 from pipeline.nn.backbones import Arch
 from pipeline.nn.checkpoint import load_base, save_base
 from pipeline.nn.export import export_packed, read_packed
+from pipeline.nn.fusion import FUSED_EPS
 from pipeline.nn.memory import memory_report, storage_plan
 from pipeline.nn.pruning import prune_to, sparsity
+from pipeline.runtime.bank import Bank
+from pipeline.runtime.loader import attach, read_state
 from pipeline.train.datamodule import PreparedData
 from pipeline.train.fit import fit_and_evaluate
 
@@ -263,14 +266,12 @@ def toy_task(tmp_path_factory):
     x, y = _toy_images()
     npz = root / "toy.npz"
     np.savez(npz, x=x, y=y)
-    params = parse_params({
-        "data": {"raw_dir": str(root / "raw"), "input_size": 12, "datasets": {"toy": {"source": "npz", "path": str(npz)}}},
-        "model": {"name": "bnn_vgg_small", "width": 4},
-        "pretrain": {"source": "toy"},
-        "transfer": {"targets": ["toy"]},
-        "trainer": {"progress_bar": False, "deterministic": True},
-        "tracking": {"uri": "sqlite:///" + str(root / "mlflow.db")},
-    })
+    params = parse_params(tiny_params(**{
+        "data.raw_dir": str(root / "raw"), "data.input_size": 12, "data.datasets": {"toy": {"source": "npz", "path": str(npz)}},
+        "pretrain.source": "toy", "transfer.targets": ["toy"],
+        "trainer.deterministic": True, "trainer.threads": 0,
+        "tracking.uri": "sqlite:///" + str(root / "mlflow.db"),
+    }))
     out = root / "prepared" / "toy"
     manifest = prepare_dataset("toy", params.data.datasets["toy"], params.data, out)
     assert manifest["num_classes"] == 3
@@ -284,7 +285,13 @@ def saved_base(vgg_base, tmp_path_factory):
     return path, save_base(vgg_base, path)
 
 
-def _fit(toy_task, net: TransferNet, name: str, monkeypatch, optim: Optional[Optim] = None, ckpt_dir=None):
+def _budget(**changes) -> Optim:
+    """The toy runs' budget: transfer.optim of params.yaml at batch 16, no lr schedule, `changes`."""
+    return replace(parse_params(tiny_params()).transfer.optim, batch_size=16, scheduler="none", **changes)
+
+
+def _fit(toy_task, net: TransferNet, name: str, monkeypatch, optim: Optional[Optim] = None, lr: float = 0.02,
+         ckpt_dir=None):
     params, folder, root = toy_task
     monkeypatch.chdir(root)  # anything Lightning or MLflow writes relative to the cwd stays here
     det, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
@@ -292,8 +299,8 @@ def _fit(toy_task, net: TransferNet, name: str, monkeypatch, optim: Optional[Opt
     threads = torch.get_num_threads()
     try:
         data = PreparedData(folder, batch_size=16)
-        optim = optim or Optim(max_epochs=2, batch_size=16, lr=0.02, scheduler="none")
-        return fit_and_evaluate(params, net, data, optim, run_name=name, tags={"stage": "test"},
+        optim = optim or _budget(max_epochs=2)
+        return fit_and_evaluate(params, net, data, optim, lr=lr, run_name=name, tags={"stage": "test"},
                                 flat_params={"name": name}, ckpt_dir=ckpt_dir)
     finally:
         torch.use_deterministic_algorithms(det, warn_only=warn_only)
@@ -607,9 +614,9 @@ def test_safetensors_round_trip_is_bit_exact(vgg_base, base_sha, tmp_path, case)
     assert sorted(config["pruned_layers"]) == sorted(n for n, m in quant.items() if isinstance(m, AdapterConv)
                                                      and prune)
 
-    cfg, tensors = read_adapter(tmp_path / "adapter.safetensors")
+    cfg, _ = read_adapter(tmp_path / "adapter.safetensors")
     assert cfg == json.loads((tmp_path / "adapter.json").read_text())
-    loaded = apply_adapter(copy.deepcopy(vgg_base), base_sha, cfg, tensors)
+    loaded = attach(copy.deepcopy(vgg_base), base_sha, read_state(tmp_path / "adapter.safetensors"))
     assert not loaded.training
     with torch.no_grad():
         assert torch.equal(loaded(x), expected)
@@ -633,11 +640,10 @@ def adapter_file(vgg_base, base_sha, tmp_path):
     return tmp_path / "ad"
 
 
-def test_apply_refuses_other_base(vgg_base, base_sha, adapter_file):
-    cfg, tensors = read_adapter(adapter_file)
+def test_attach_refuses_other_base(vgg_base, base_sha, adapter_file):
     other = hashlib.sha256(b"another base").hexdigest()
     with pytest.raises(UserError) as exc:
-        apply_adapter(copy.deepcopy(vgg_base), other, cfg, tensors, source="ad")
+        attach(copy.deepcopy(vgg_base), other, read_state(adapter_file))
     msg = _one_line(exc)
     assert base_sha[:12] in msg and other[:12] in msg
 
@@ -684,26 +690,28 @@ def test_bank_swaps_without_residue(vgg_base, base_sha, tmp_path):
                seed=22)
     save_adapter(a, tmp_path / "a", {"base_sha256": base_sha})
     save_adapter(b, tmp_path / "b", {"base_sha256": base_sha})
-    cfg_a, t_a = read_adapter(tmp_path / "a")
-    cfg_b, t_b = read_adapter(tmp_path / "b")
+    state_a, state_b = read_state(tmp_path / "a"), read_state(tmp_path / "b")
     # b carries the base's BN tensors (task BN); a does not
-    assert any(k.startswith("base.features.1.") for k in t_b) and not any(k.startswith("base.features.1.") for k in t_a)
+    assert any(k.startswith("base.features.1.") for k in state_b.tensors)
+    assert not any(k.startswith("base.features.1.") for k in state_a.tensors)
 
     x = _x(5)
     with torch.no_grad():
-        want_a = apply_adapter(copy.deepcopy(vgg_base), base_sha, cfg_a, t_a)(x)
-        want_b = apply_adapter(copy.deepcopy(vgg_base), base_sha, cfg_b, t_b)(x)
+        want_a = attach(copy.deepcopy(vgg_base), base_sha, state_a)(x)
+        want_b = attach(copy.deepcopy(vgg_base), base_sha, state_b)(x)
     assert want_a.shape == (5, 3) and want_b.shape == (5, 5)
 
     shared = copy.deepcopy(vgg_base)
-    bank = AdapterBank(shared, base_sha)  # holds the base fused, as every finalized network runs it
+    bank = Bank(shared, base_sha)  # holds the base fused, as every finalized network runs it
     untouched = copy.deepcopy(shared.state_dict())
+    bank.add("a", state_a)
+    bank.add("b", tmp_path / "b")  # or from its file
     with torch.no_grad():
-        got_a1 = bank.activate("a", cfg_a, t_a, "a")(x)
+        got_a1 = bank.activate("a")(x)
         assert bank.active == "a"
-        got_b = bank.activate("b", cfg_b, t_b, "b")(x)
+        got_b = bank.activate("b")(x)
         assert bank.active == "b"
-        got_a2 = bank.activate("a", cfg_a, t_a, "a")(x)
+        got_a2 = bank.activate("a")(x)
     assert torch.equal(got_a1, want_a)
     assert torch.equal(got_b, want_b)
     assert torch.equal(got_a2, want_a)
@@ -750,8 +758,6 @@ def test_bank_swaps_float16_task_bn_without_residue(vgg_base, base_sha, tmp_path
     assert all(m.eps == FUSED_EPS for m in a.modules() if isinstance(m, nn.BatchNorm2d))
     save_adapter(a, tmp_path / "a", {"base_sha256": base_sha})
     save_adapter(b, tmp_path / "b", {"base_sha256": base_sha})
-    cfg_a, t_a = read_adapter(tmp_path / "a")
-    cfg_b, t_b = read_adapter(tmp_path / "b")
     x = _x(5)
     with torch.no_grad():
         want_a, want_b = a(x), b(x)
@@ -759,19 +765,22 @@ def test_bank_swaps_float16_task_bn_without_residue(vgg_base, base_sha, tmp_path
     base_eps = lambda: [m.eps for n, m in shared.features.named_modules()
                         if isinstance(m, nn.BatchNorm2d) and "adapter" not in n.split(".")]
     assert base_eps() == [1e-5] * 6
-    bank = AdapterBank(shared, base_sha)
+    bank = Bank(shared, base_sha)
     untouched = copy.deepcopy(shared.state_dict())
     eps = base_eps()
     assert eps == [FUSED_EPS] * 6
-    fp16 = {k: v for k, v in t_a.items() if k.endswith(".weight") and k.startswith("base.features.1.")}
+    state_a = read_state(tmp_path / "a")
+    fp16 = {k: v for k, v in state_a.tensors.items() if k.endswith(".weight") and k.startswith("base.features.1.")}
     assert fp16 and not torch.equal(fp16["base.features.1.weight"], untouched["features.1.weight"])
+    bank.add("a", state_a)
+    bank.add("b", tmp_path / "b")
     with torch.no_grad():
-        assert torch.equal(bank.activate("a", cfg_a, t_a, "a")(x), want_a)
-        assert torch.equal(bank.activate("b", cfg_b, t_b, "b")(x), want_b)
+        assert torch.equal(bank.activate("a")(x), want_a)
+        assert torch.equal(bank.activate("b")(x), want_b)
         now = shared.state_dict()
         assert base_eps() == eps
         assert all(torch.equal(now[k], v) for k, v in untouched.items() if not k.startswith("head."))
-        assert torch.equal(bank.activate("a", cfg_a, t_a, "a")(x), want_a)
+        assert torch.equal(bank.activate("a")(x), want_a)
 
 
 def test_last_checkpoint_is_the_last_epoch_not_the_best(toy_task, vgg_base, monkeypatch, tmp_path):
@@ -779,8 +788,8 @@ def test_last_checkpoint_is_the_last_epoch_not_the_best(toy_task, vgg_base, monk
     last.ckpt only when it also saves a top-k checkpoint: with one callback, a run whose val
     accuracy stopped improving after epoch 0 left last.ckpt at epoch 0 and redid the rest."""
     net = TransferNet(copy.deepcopy(vgg_base), TaskSpec("head"), 3)
-    flat = Optim(max_epochs=3, patience=3, batch_size=16, lr=1e-9, scheduler="none")  # val accuracy never improves
-    _fit(toy_task, net, "last-ckpt", monkeypatch, optim=flat, ckpt_dir=tmp_path / "ckpt")
+    flat = _budget(max_epochs=3, patience=3)  # with lr 1e-9 val accuracy never improves
+    _fit(toy_task, net, "last-ckpt", monkeypatch, optim=flat, lr=1e-9, ckpt_dir=tmp_path / "ckpt")
     best = torch.load(tmp_path / "ckpt" / "best.ckpt", map_location="cpu", weights_only=True)
     last = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
     assert (best["epoch"], last["epoch"]) == (0, 2)

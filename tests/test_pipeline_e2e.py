@@ -59,7 +59,7 @@ def test_sweep_and_report_outputs(project):
     report = (root / "reports/report.md").read_text()
     for heading in ("## 1. Accuracy", "## 2. Training time", "## 3. Size", "## Where the time goes"):
         assert heading in report
-    for png in ("accuracy_vs_memory_mnist_5to9", "training_time", "learning_curves", "storage_for_tasks"):
+    for png in ("accuracy_vs_memory_mnist_5to9", "sweep_mnist_5to9", "training_time", "learning_curves", "storage_for_tasks"):
         assert (root / "reports/plots" / f"{png}.png").stat().st_size > 10_000
         assert f"plots/{png}.png" in report
 

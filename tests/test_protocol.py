@@ -16,15 +16,15 @@ import yaml
 import pandas as pd
 
 from conftest import BIN, ROOT, copy_project, run_cli, set_keys
-from pipeline.config import Optim, parse_params
+from pipeline.config import parse_params
 from pipeline.nn.adapters import TaskSpec, TransferNet
 from pipeline.nn.pruning import sparsity
-from pipeline.stages.transfer import choose_lr, lr_stem
+from pipeline.train.protocol import choose_lr, lr_stem
 from pipeline.train.datamodule import PreparedData
 from pipeline.train.fit import resume_fingerprint
 from pipeline.train.sweep import study_name
 from pipeline.train.trainer import EpochRecord, PruningCallback, TimingCallback
-from test_adapters import _fit, toy_task, vgg_base  # noqa: F401  (fixtures)
+from test_adapters import _budget, _fit, toy_task, vgg_base  # noqa: F401  (fixtures)
 
 
 # ------------------------------------------------------------------------------ convergence flag
@@ -70,8 +70,8 @@ def test_early_stopping_ends_a_flat_run_and_keeps_epoch_zero(toy_task, vgg_base,
     """lr 1e-9: val accuracy never rises after epoch 0, so with patience 2 the run stops after
     epochs 0, 1, 2 (two without a gain), of a cap of 10, and epoch 0's weights are restored."""
     net = TransferNet(copy.deepcopy(vgg_base), TaskSpec("head"), 3)
-    flat = Optim(max_epochs=10, patience=2, batch_size=16, lr=1e-9, scheduler="none")
-    result = _fit(toy_task, net, "early-stop", monkeypatch, optim=flat, ckpt_dir=tmp_path / "ckpt")
+    flat = _budget(max_epochs=10, patience=2)
+    result = _fit(toy_task, net, "early-stop", monkeypatch, optim=flat, lr=1e-9, ckpt_dir=tmp_path / "ckpt")
     conv = result.convergence()
     assert conv == {"epochs_run": 3, "max_epochs": 10, "stopped_early": True, "hit_cap_improving": False}
     best = torch.load(tmp_path / "ckpt" / "best.ckpt", map_location="cpu", weights_only=True)
@@ -82,7 +82,7 @@ def test_a_run_at_its_cap_still_improving_is_flagged(toy_task, vgg_base, monkeyp
     """Two epochs with a real lr on a learnable task: the cap ends it, and with no epochs before
     the 3-epoch window nothing says it converged."""
     net = TransferNet(copy.deepcopy(vgg_base), TaskSpec("head"), 3)
-    result = _fit(toy_task, net, "capped", monkeypatch, optim=Optim(max_epochs=2, batch_size=16, lr=0.02, scheduler="none"))
+    result = _fit(toy_task, net, "capped", monkeypatch, optim=_budget(max_epochs=2), lr=0.02)
     assert result.convergence() == {"epochs_run": 2, "max_epochs": 2, "stopped_early": False, "hit_cap_improving": True}
 
 
@@ -91,14 +91,14 @@ def test_pruned_run_is_judged_only_after_its_last_round(toy_task, vgg_base, monk
     best checkpoint must come from epoch 3 or later, at the final sparsity, however good a denser
     epoch was; early stopping may not end the run before the rounds."""
     net = TransferNet(copy.deepcopy(vgg_base), TaskSpec("serial", groups=2, placement="all"), 3)
-    optim = Optim(max_epochs=2, patience=1, batch_size=16, lr=0.02, scheduler="none")
+    optim = _budget(max_epochs=2, patience=1)
     cb = PruningCallback(net.adapter_convs(), 0.5, 2, 1, optim.max_epochs, "layer", optim.patience, optim.min_delta)
     params, folder, root = toy_task
     monkeypatch.chdir(root)
     from pipeline.train.fit import fit_and_evaluate
 
     data = PreparedData(folder, batch_size=16)
-    result = fit_and_evaluate(params, net, data, optim, run_name="prune-gate", tags={"stage": "test"},
+    result = fit_and_evaluate(params, net, data, optim, lr=0.02, run_name="prune-gate", tags={"stage": "test"},
                               flat_params={"name": "prune-gate"}, ckpt_dir=tmp_path / "ckpt", epochs=6,
                               callbacks=[cb], gate=cb.selecting)
     best = torch.load(tmp_path / "ckpt" / "best.ckpt", map_location="cpu", weights_only=True)
@@ -165,18 +165,19 @@ class _Data:
 def test_resume_fingerprint_carries_every_split_and_the_run_settings():
     p = _params()
     o = p.transfer.optim
-    fp = resume_fingerprint("r", {"lr": 0.005, "base_sha256": "x"}, o, 10, p, _Data(_manifest_sha()))
-    assert fp == resume_fingerprint("r", {"lr": 0.005, "base_sha256": "x"}, o, 10, p, _Data(_manifest_sha()))
+    fp = resume_fingerprint("r", {"lr": 0.005, "base_sha256": "x"}, o, 0.005, 10, p, _Data(_manifest_sha()))
+    assert fp == resume_fingerprint("r", {"lr": 0.005, "base_sha256": "x"}, o, 0.005, 10, p, _Data(_manifest_sha()))
     for split in ("train", "val", "test"):
-        assert fp != resume_fingerprint("r", {"lr": 0.005, "base_sha256": "x"}, o, 10, p,
+        assert fp != resume_fingerprint("r", {"lr": 0.005, "base_sha256": "x"}, o, 0.005, 10, p,
                                         _Data(_manifest_sha(**{split: "d" * 64}))), split
     others = [
-        ("r", {"lr": 0.005, "base_sha256": "y"}, o, 10, p),                     # another base
-        ("r", {"lr": 0.01, "base_sha256": "x"}, o, 10, p),                      # another lr
-        ("r", {"lr": 0.005, "base_sha256": "x"}, replace(o, weight_decay=0.1), 10, p),
-        ("r", {"lr": 0.005, "base_sha256": "x"}, replace(o, patience=1), 10, p),
-        ("r", {"lr": 0.005, "base_sha256": "x"}, o, 11, p),                     # another cap
-        ("r", {"lr": 0.005, "base_sha256": "x"}, o, 10, replace(p, trainer=replace(p.trainer, precision="64-true"))),
+        ("r", {"lr": 0.005, "base_sha256": "y"}, o, 0.005, 10, p),                     # another base
+        ("r", {"lr": 0.01, "base_sha256": "x"}, o, 0.005, 10, p),               # another lr in the params
+        ("r", {"lr": 0.005, "base_sha256": "x"}, o, 0.01, 10, p),               # another lr trained with
+        ("r", {"lr": 0.005, "base_sha256": "x"}, replace(o, weight_decay=0.1), 0.005, 10, p),
+        ("r", {"lr": 0.005, "base_sha256": "x"}, replace(o, patience=1), 0.005, 10, p),
+        ("r", {"lr": 0.005, "base_sha256": "x"}, o, 0.005, 11, p),                     # another cap
+        ("r", {"lr": 0.005, "base_sha256": "x"}, o, 0.005, 10, replace(p, trainer=replace(p.trainer, precision="64-true"))),
     ]
     for args in others:
         assert resume_fingerprint(*args, _Data(_manifest_sha())) != fp, args
@@ -186,7 +187,7 @@ def test_every_optim_field_reaches_the_fingerprint():
     """A new Optim field must not be forgotten: each one, changed, changes the fingerprint."""
     p = _params()
     o = p.transfer.optim
-    fp = resume_fingerprint("r", {}, o, 10, p, _Data(_manifest_sha()))
+    fp = resume_fingerprint("r", {}, o, 0.005, 10, p, _Data(_manifest_sha()))
     for f in dataclasses.fields(o):
         value = getattr(o, f.name)
         if f.name == "optimizer":
@@ -195,7 +196,7 @@ def test_every_optim_field_reaches_the_fingerprint():
             other = "none" if value != "none" else "cosine"
         else:
             other = value * 2 + 1
-        assert resume_fingerprint("r", {}, replace(o, **{f.name: other}), 10, p, _Data(_manifest_sha())) != fp, f.name
+        assert resume_fingerprint("r", {}, replace(o, **{f.name: other}), 0.005, 10, p, _Data(_manifest_sha())) != fp, f.name
 
 
 # ------------------------------------------------------------------------------ end to end (slow)
@@ -277,7 +278,7 @@ def test_shuffled_test_labels_change_no_choice(built_project, tmp_path):
     test numbers move."""
     from safetensors.torch import load_file, save_file
 
-    from pipeline.data.prepare import sha256_file
+    from pipeline.io import sha256
     from pipeline.report import analysis
 
     root = built_project[0]
@@ -288,7 +289,7 @@ def test_shuffled_test_labels_change_no_choice(built_project, tmp_path):
     assert (y != t["y"]).float().mean() > 0.5
     save_file({"x": t["x"], "y": y.contiguous()}, str(folder / "test.safetensors"))
     manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["sha256"]["test"] = sha256_file(folder / "test.safetensors")
+    manifest["sha256"]["test"] = sha256(folder / "test.safetensors")
     (folder / "manifest.json").write_text(json.dumps(manifest))
     # the stages by hand: dvc would restore the prepared data it has cached
     for method, precision in (("full", "binary"), ("full", "fp32"), ("head", "binary"), ("serial", "binary"),

@@ -673,8 +673,10 @@ def test_provenance(rendered):
 def test_plots_exist_with_expected_pixel_size_and_are_embedded(rendered):
     reports, md = rendered["reports"], rendered["md"]
     # pixels = inches x dpi (110): accuracy_vs_memory 7.5 x 5 -> 825 x 550; training_time and
-    # storage_for_tasks 7.5 x 4.5 -> 825 x 495; learning_curves (6 per target = 12) x 4.2 -> 1320 x 462
+    # storage_for_tasks 7.5 x 4.5 -> 825 x 495; learning_curves (6 per target = 12) x 4.2 -> 1320 x 462;
+    # the sweep figures 7 x 4.5 -> 770 x 495
     expected = {"accuracy_vs_memory_tA.png": (825, 550), "accuracy_vs_memory_tB.png": (825, 550),
+                "sweep_tA.png": (770, 495), "sweep_tB.png": (770, 495),
                 "training_time.png": (825, 495), "learning_curves.png": (1320, 462),
                 "storage_for_tasks.png": (825, 495)}
     assert sorted(p.name for p in (reports / "plots").iterdir()) == sorted(expected)
@@ -685,13 +687,15 @@ def test_plots_exist_with_expected_pixel_size_and_are_embedded(rendered):
     figures = section(md, "Figures").splitlines()
     embeds = [(i, l) for i, l in enumerate(figures) if l.startswith("![")]
     assert [l[l.index("](") + 2:-1] for _, l in embeds] == [
-        "plots/accuracy_vs_memory_tA.png", "plots/accuracy_vs_memory_tB.png", "plots/training_time.png",
+        "plots/accuracy_vs_memory_tA.png", "plots/accuracy_vs_memory_tB.png", "plots/sweep_tA.png",
+        "plots/sweep_tB.png", "plots/training_time.png",
         "plots/learning_curves.png", "plots/storage_for_tasks.png"]
     for i, line in embeds:
         caption = line[2:line.index("](")]
         assert caption and figures[i + 2] == f"*{caption}*"
     assert "the 7%-12% band shaded" in figures[embeds[0][0]]
-    assert "N = 1..10 tasks" in figures[embeds[4][0]]
+    assert "The sweep on tB: its trials" in figures[embeds[3][0]]
+    assert "N = 1..10 tasks" in figures[embeds[6][0]]
 
 
 # ------------------------------------------------------------------------------- choices on val only

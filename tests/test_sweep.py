@@ -394,7 +394,7 @@ def test_failing_trial_is_recorded_and_skipped(in_process, monkeypatch, tmp_path
     from pipeline.train.sweep import create_study, run_worker
 
     root, params = in_process
-    real, calls = transfer.train_transfer, []
+    real, calls = transfer.run, []
 
     def flaky(*args, **kwargs):
         calls.append(kwargs["stem"])
@@ -402,7 +402,7 @@ def test_failing_trial_is_recorded_and_skipped(in_process, monkeypatch, tmp_path
             raise UserError("invalid combination")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(transfer, "train_transfer", flaky)
+    monkeypatch.setattr(transfer, "run", flaky)
     folder = tmp_path / "sweep"
     create_study(params, TARGET, "fail-test", None, folder)
     ran = run_worker(params, TARGET, "fail-test", None, folder, 0, None, poll_s=0.1)
@@ -427,7 +427,7 @@ def test_worker_survives_its_trial_being_failed_as_stale(in_process, monkeypatch
     from pipeline.train.sweep import create_study, fail_stale_trials, run_worker
 
     root, params = in_process
-    real, calls = transfer.train_transfer, []
+    real, calls = transfer.run, []
     folder = tmp_path / "sweep"
     journal = str(folder / "optuna.journal")
 
@@ -439,7 +439,7 @@ def test_worker_survives_its_trial_being_failed_as_stale(in_process, monkeypatch
             assert fail_stale_trials(peer, peer_storage, 0.001) == [0]
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(transfer, "train_transfer", judged_stale)
+    monkeypatch.setattr(transfer, "run", judged_stale)
     create_study(params, TARGET, "peer-test", None, folder)
     run_worker(params, TARGET, "peer-test", None, folder, 0, None, poll_s=0.1)
     study = optuna.load_study(study_name="peer-test", storage=JournalStorage(JournalFileBackend(journal)))
@@ -453,8 +453,8 @@ def test_only_the_study_creator_makes_the_parent_run(in_process, tmp_path):
     one the creator; the other waits for the creator's parent run instead of making a second one."""
     import threading
 
-    from pipeline.stages.sweep import parent_run
-    from pipeline.train.sweep import PARENT_RUN_ATTR, create_study
+    from pipeline.train.sweep import create_study
+    from pipeline.train.tracking import PARENT_RUN_ATTR, parent_run_id as parent_run
 
     root, params = in_process
     folder = tmp_path / "sweep"

@@ -6,14 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from conftest import tiny_params
 from pipeline.config import parse_params as _parse
 
-
-def parse_params(raw: dict):
-    raw.setdefault("data", {})["datasets"] = {"mnist_0to4": {"source": "mnist5k"}}
-    raw.setdefault("transfer", {})["targets"] = ["mnist_0to4"]
-    return _parse(raw)
-from pipeline.train.tracking import artifact_location, main_root, tracking_uri, transfer_keys
+from pipeline.train.spec import from_params
+from pipeline.train.tracking import artifact_location, main_root, tracking_uri
 
 
 def test_main_root_of_a_dvc_queue_copy_is_the_project():
@@ -26,21 +23,24 @@ def test_default_uri_and_overrides(monkeypatch, tmp_path):
     (tmp_path / "params.yaml").write_text("")
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    params = parse_params({})
+    params = _parse(tiny_params())
     assert tracking_uri(params) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
     assert artifact_location(params) == (tmp_path.resolve() / "mlartifacts").as_uri()
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert tracking_uri(params) == "http://127.0.0.1:5000" and artifact_location(params) is None
-    pinned = parse_params({"tracking": {"uri": "sqlite:////tmp/x.db"}})
+    pinned = _parse(tiny_params(**{"tracking.uri": "sqlite:////tmp/x.db"}))
     assert tracking_uri(pinned) == "sqlite:////tmp/x.db"  # params win over the environment
 
 
 def test_every_method_carries_the_same_keys():
-    params = parse_params({})
-    keys = [set(transfer_keys("t", m, "binary", params.adapter, 0, 8)) for m in ("full", "head", "serial", "parallel")]
+    params = _parse(tiny_params())
+    keys = [set(from_params(params, "t", m, "binary", 0.01, 0).columns()) for m in ("full", "head", "bn", "serial", "parallel")]
     assert all(k == keys[0] for k in keys)
-    head = transfer_keys("t", "head", "binary", params.adapter, 0, 8)
-    assert (head["adapter_type"], head["groups"], head["adapter_bits"]) == ("none", 0, 0)
+    head = from_params(params, "t", "head", "binary", 0.01, 0).columns()
+    assert (head["adapter_type"], head["groups"], head["adapter_bits"], head["head_bits"]) == ("none", 0, 0, 8)
+    serial = from_params(params, "t", "serial", "binary", 0.01, 0).columns()
+    assert (serial["adapter_type"], serial["groups"], serial["prune_amount"]) == ("serial", 2, 0.5)  # tiny: groups 2, pruned
+    assert from_params(params, "t", "full", "binary", 0.01, 0).columns()["head_bits"] == 32  # a whole float copy
 
 
 # ------------------------------------------------------------------ what the MLflow UI reads (REST)
@@ -117,7 +117,7 @@ def test_rest_api_shows_kind_datasets_and_the_sweep_figure(built_project):
             assert json.loads(ds["source"])["uri"] == str((root / "data" / "prepared" / ds["name"]).resolve())
         (sweep,) = [r for r in runs if stage[r["info"]["run_id"]] == "sweep"]
         files = _get(url, "/api/2.0/mlflow/artifacts/list", run_id=sweep["info"]["run_id"])["files"]
-        assert {"pareto.png", "pareto.csv", "trials.csv"} <= {f["path"] for f in files}
+        assert {"pareto.csv", "pareto_runs.csv", "trials.csv"} <= {f["path"] for f in files}  # its figure: the report's
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)

@@ -3,12 +3,12 @@ weights_only=True; its sha256 identifies the base that adapters were trained aga
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import torch
 
 from pipeline.errors import UserError
+from pipeline.io import sha256 as file_sha256
 from pipeline.nn.backbones import Arch, Backbone, build_backbone
 
 
@@ -19,10 +19,11 @@ def save_base(net: Backbone, path: Path) -> str:
 
 
 def sha256(path: Path) -> str:
+    """A base checkpoint's sha256 (the base's identity), refusing a missing one in one line."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: base model not found; run `pipeline pretrain` (or `dvc repro pretrain`) first")
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return file_sha256(path)
 
 
 def load_base(path: Path) -> Backbone:

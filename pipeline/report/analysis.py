@@ -13,11 +13,11 @@ import pandas as pd
 from pipeline.errors import UserError
 from pipeline.nn.memory import BREAKDOWN_COLUMNS
 from pipeline.paths import REPORTS
+from pipeline.train.spec import ADAPTER_METHODS, CONFIG_COLUMNS
 from pipeline.stats import mean_ci
 
-CONFIG = ["target", "method", "precision", "adapter_type", "groups", "reduction", "placement",
-          "adapter_bits", "learn_scale", "head_bits", "prune_amount", "task_bn", "bn_bits"]
-ADAPTERS = ("serial", "parallel")
+CONFIG = CONFIG_COLUMNS
+ADAPTERS = ADAPTER_METHODS
 TASK_STATES = ("head", "bn") + ADAPTERS  # every method that keeps the base and stores a task state
 BREAKDOWN = BREAKDOWN_COLUMNS
 # per-seed columns averaged with a 95% interval

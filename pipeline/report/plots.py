@@ -62,13 +62,19 @@ def accuracy_vs_memory(inputs: Inputs, target: str, band: tuple[float, float], o
         if full is not None:
             ax.axhline(full.test_acc, color="tab:blue" if precision == "binary" else "tab:purple", ls=ls, lw=1,
                        label=f"full finetune ({precision}): {full.test_acc:.1%}")
+    return _memory_axes(fig, ax, out, dpi, "test accuracy (mean over seeds, 95% interval)",
+                        f"Accuracy vs task memory on target '{target}'", 7.5)
+
+
+def _memory_axes(fig, ax, out: Path, dpi: int, ylabel: str, title: str, legend_size: float) -> Path:
+    """The accuracy-vs-memory figures' shared frame: memory in % of the base on a log axis."""
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}%"))
     ax.set_xlabel("task-specific memory (% of the binary base, log scale)")
-    ax.set_ylabel("test accuracy (mean over seeds, 95% interval)")
-    ax.set_title(f"Accuracy vs task memory on target '{target}'")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7.5, loc="lower right")
+    ax.legend(fontsize=legend_size, loc="lower right")
     return _save(fig, out, dpi)
 
 
@@ -140,3 +146,18 @@ def storage_for_tasks(inputs: Inputs, n_max: int, out: Path, dpi: int) -> Path:
     ax.legend(fontsize=7.5)
     return _save(fig, out, dpi)
 
+
+def sweep_front(inputs: Inputs, target: str, out: Path, dpi: int) -> Path:
+    """One sweep's trials (val, single seed) and its Pareto set retrained on every seed (val and
+    test, 95% intervals)."""
+    trials, pareto = inputs.trials.get(target), inputs.pareto.get(target)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    done = trials[trials.state == "COMPLETE"] if trials is not None and len(trials) else None
+    if done is not None and len(done):
+        ax.scatter(100 * done.memory_ratio, done.val_acc, s=16, color="black", alpha=0.3, label="trials (val, one seed)")
+    if pareto is not None and len(pareto):
+        p = pareto.sort_values("memory_pct")
+        for split, colour in (("val", "tab:green"), ("test", "tab:red")):
+            ax.errorbar(p.memory_pct, p[f"{split}_acc"], yerr=_bars(p[f"{split}_acc_ci"]), fmt=".-", color=colour,
+                        capsize=3, label=f"Pareto set, {split} (retrained, every seed)")
+    return _memory_axes(fig, ax, out, dpi, "accuracy", f"Sweep on '{target}': accuracy vs task memory", 8)

@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
-from pipeline.data.prepare import load_prepared
+from pipeline.data.prepared import load_prepared
 
 
 class EpochShuffle(Sampler[int]):

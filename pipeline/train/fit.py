@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any, Optional
 import torch
 
 from pipeline.config import Optim, Params
+from pipeline.io import sha256
 from pipeline.train.datamodule import PreparedData
 from pipeline.train.module import Classifier
 from pipeline.train.tracking import log_dataset
@@ -61,16 +61,16 @@ class FitResult:
         self.run.logger.experiment.log_artifact(self.run_id, str(path))
 
 
-def resume_fingerprint(run_name: str, flat_params: dict, optim: Optim, epochs: int, params: Params,
+def resume_fingerprint(run_name: str, flat_params: dict, optim: Optim, lr: float, epochs: int, params: Params,
                        data: PreparedData) -> str:
     """Everything that shapes a run: its params, the budget, the hardware settings that change
     the arithmetic, and the sha256 of every split it reads (train/val/test). A checkpoint left by
     a run with another fingerprint is never resumed: a changed split or base must retrain."""
     t = params.trainer
-    key = {"run": run_name, "params": flat_params, "optim": asdict(optim), "epochs": epochs,
+    key = {"run": run_name, "params": flat_params, "optim": asdict(optim), "lr": lr, "epochs": epochs,
            "data": data.manifest["sha256"],
            "trainer": {k: getattr(t, k) for k in ("accelerator", "devices", "strategy", "precision", "deterministic")}}
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    return sha256(key)
 
 
 def find_resume(ckpt_dir: Optional[Path], fingerprint: str) -> dict[str, Any]:
@@ -88,7 +88,7 @@ def find_resume(ckpt_dir: Optional[Path], fingerprint: str) -> dict[str, Any]:
     return {"fingerprint": fingerprint, "stale": [last, ckpt_dir / "best.ckpt", marker]}
 
 
-def fit_and_evaluate(params: Params, net: torch.nn.Module, data: PreparedData, optim: Optim, *,
+def fit_and_evaluate(params: Params, net: torch.nn.Module, data: PreparedData, optim: Optim, *, lr: float,
                      run_name: str, tags: dict[str, str], flat_params: dict[str, Any],
                      ckpt_dir: Optional[Path] = None, epochs: Optional[int] = None,
                      callbacks: Optional[list] = None, gate=None,
@@ -96,9 +96,9 @@ def fit_and_evaluate(params: Params, net: torch.nn.Module, data: PreparedData, o
     """The one training rule: up to `epochs` (default optim.max_epochs), early stopping on val
     accuracy, the best-val weights restored (with `gate`, the best among the epochs it allows).
     `test=False` leaves the test split untouched (sweeps select on val only)."""
-    module = Classifier(net, optim, data.num_classes)
+    module = Classifier(net, optim, lr, data.num_classes)
     epochs = epochs or optim.max_epochs
-    resume = find_resume(ckpt_dir, resume_fingerprint(run_name, flat_params, optim, epochs, params, data))
+    resume = find_resume(ckpt_dir, resume_fingerprint(run_name, flat_params, optim, lr, epochs, params, data))
     run = make_trainer(params, run_name=run_name, tags=tags, optim=optim, epochs=epochs, ckpt_dir=ckpt_dir,
                        callbacks=callbacks, parent_run_id=parent_run_id, run_id=resume.get("run_id"), gate=gate)
     if resume.get("ckpt"):

@@ -15,10 +15,10 @@ from pipeline.nn.binary import clip_latent_weights
 
 
 class Classifier(L.LightningModule):
-    def __init__(self, net: nn.Module, optim: Optim, num_classes: int):
+    def __init__(self, net: nn.Module, optim: Optim, lr: float, num_classes: int):
         super().__init__()
         self.net = net
-        self.optim = optim
+        self.optim, self.lr = optim, lr
         self.accuracy = nn.ModuleDict(
             {split: MulticlassAccuracy(num_classes, average="micro") for split in ("train_", "val_", "test_")}
         )
@@ -67,11 +67,11 @@ class Classifier(L.LightningModule):
         o = self.optim
         params = [p for p in self.net.parameters() if p.requires_grad]
         if o.optimizer == "sgd":
-            opt = torch.optim.SGD(params, lr=o.lr, momentum=0.9, weight_decay=o.weight_decay)
+            opt = torch.optim.SGD(params, lr=self.lr, momentum=0.9, weight_decay=o.weight_decay)
         elif o.optimizer == "adamw":
-            opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+            opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=o.weight_decay)
         else:
-            opt = torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
+            opt = torch.optim.Adam(params, lr=self.lr, weight_decay=o.weight_decay)
         if o.scheduler == "none":
             return opt
         if o.scheduler == "step":

@@ -10,20 +10,20 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, Callable
 
+import torch
+
+from pipeline.console import quiet
+
 
 def threads_each(procs: int) -> int:
     return max(1, (os.cpu_count() or 1) // max(1, procs))
 
 
 def set_threads(n: int) -> None:
-    import torch
-
     torch.set_num_threads(n)
 
 
-def _start(threads: int) -> None:
-    from pipeline.console import quiet
-
+def start_worker(threads: int) -> None:
     quiet()  # logging filters do not cross a spawn
     set_threads(threads)
 
@@ -38,6 +38,6 @@ def map_runs(fn: Callable, jobs: list[dict], procs: int) -> list:
     `fn` must be importable (a module-level function); an exception in a job is raised here."""
     if procs <= 1 or len(jobs) <= 1:
         return [fn(**job) for job in jobs]
-    with ProcessPoolExecutor(min(procs, len(jobs)), mp_context=mp.get_context("spawn"), initializer=_start,
+    with ProcessPoolExecutor(min(procs, len(jobs)), mp_context=mp.get_context("spawn"), initializer=start_worker,
                              initargs=(threads_each(procs),)) as pool:
         return list(pool.map(_call, [(fn, job) for job in jobs]))

@@ -9,11 +9,12 @@ or whose heartbeat is older than `stale_after_s`, are failed with a reason).
 
 from __future__ import annotations
 
-import hashlib
 import json
+import multiprocessing as mp
 import os
 import shutil
 import socket
+import sys
 import threading
 import time
 from dataclasses import asdict, replace
@@ -21,13 +22,27 @@ from pathlib import Path
 from typing import Any, Optional
 
 import optuna
+import pandas as pd
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
+from sqlalchemy.exc import IntegrityError, ProgrammingError
 
-from pipeline.config import Adapter, Params
-from pipeline.errors import EnvironmentFailure, UserError
+from pipeline.config import Params
+from pipeline.errors import EnvironmentFailure, TrainingDiverged, UserError, first_line
+from pipeline.io import sha256, write_json
+from pipeline.nn.binary import storage_bits
+from pipeline.nn.memory import BREAKDOWN_COLUMNS
+from pipeline.paths import METRICS_DIR
+from pipeline.stats import mean_ci
+from pipeline.train import protocol, transfer
+from pipeline.train.parallel import start_worker, threads_each
+from pipeline.train.pareto import hypervolume
+from pipeline.train.spec import RunSpec, from_trial
+from pipeline.train.tracking import PARENT_RUN_ATTR, log_to_run, run_tags
+from pipeline.train.transfer import Tracking
 
 DIRECTIONS = ["maximize", "minimize"]  # val accuracy, task memory bytes
-PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attr: the sweep's MLflow parent run
 
 
 # ------------------------------------------------------------------------------ naming & storage
@@ -45,17 +60,13 @@ def study_name(params: Params, target: str, base_sha256: str, data_sha256: dict)
            "prune": asdict(params.adapter.prune), "bn_bits": params.adapter.bn_bits,
            "learn_scale": params.adapter.learn_scale,
            "trainer": {k: getattr(t, k) for k in ("accelerator", "precision", "deterministic")}}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return f"{target}-{digest}"
+    return f"{target}-{sha256(key, length=12)}"
 
 
 def open_storage(url: Optional[str], folder: Path):
     """An Optuna storage: a journal file in `folder` by default, or any RDB URL."""
     try:
         if url is None:
-            from optuna.storages import JournalStorage
-            from optuna.storages.journal import JournalFileBackend
-
             folder.mkdir(parents=True, exist_ok=True)
             # Absolute: Optuna's lock is a symlink to this path, and a relative target dangles, so a
             # lock left by a killed worker could never be judged stale.
@@ -67,15 +78,12 @@ def open_storage(url: Optional[str], folder: Path):
     except UserError:
         raise
     except Exception as exc:  # unreachable server, missing driver, bad credentials
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EnvironmentFailure(f"sweep storage {url}: cannot be opened ({first[:200]})") from None
+        raise EnvironmentFailure(f"sweep storage {url}: cannot be opened ({first_line(exc, 200)})") from None
 
 
 def _open_rdb(url: str, attempts: int = 8):
     """Workers started together on an empty database race to create Optuna's tables, and the
     losers get a duplicate-key error from the catalog; on retry they find the tables made."""
-    from sqlalchemy.exc import IntegrityError, ProgrammingError
-
     for attempt in range(attempts):
         try:
             return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
@@ -101,8 +109,6 @@ def _placement_size(p: str) -> float:
 def anchors(params: Params) -> list[dict[str, Any]]:
     """The smallest and the largest configuration of each adapter type in the space (every knob at
     its cheapest or dearest end), so the front's two ends are measured, not left to chance."""
-    from pipeline.nn.binary import storage_bits
-
     sp = params.sweep.space
     lr = sp.lr.low * (sp.lr.high / sp.lr.low) ** 0.5 if sp.lr.log else (sp.lr.low + sp.lr.high) / 2
     ends = {
@@ -117,22 +123,16 @@ def anchors(params: Params) -> list[dict[str, Any]]:
     return [{"method": m, **{k: v[end] for k, v in ends.items()}, "lr": lr} for m in sp.method for end in (0, 1)]
 
 
-def suggest(trial: optuna.trial.BaseTrial, params: Params) -> tuple[str, Adapter, float, Params]:
-    """The trial's method, adapter and lr, and the params it runs with (its head width)."""
+def suggest(trial: optuna.trial.BaseTrial, params: Params, target: str, seed: int,
+            max_epochs: Optional[int] = None) -> RunSpec:
+    """The trial's run: its sampled knobs (in a fixed order: the samplers' streams depend on it)
+    on top of the adapter section; `max_epochs` caps a trial below the arms' budget."""
     sp = params.sweep.space
-    method = trial.suggest_categorical("method", sp.method)
-    adapter = Adapter(
-        groups=trial.suggest_categorical("groups", sp.groups),
-        reduction=trial.suggest_categorical("reduction", sp.reduction),
-        placement=trial.suggest_categorical("placement", sp.placement),
-        task_bn=trial.suggest_categorical("task_bn", sp.task_bn),
-        bits=trial.suggest_categorical("bits", sp.bits),
-        bn_bits=params.adapter.bn_bits, learn_scale=params.adapter.learn_scale,
-        prune=replace(params.adapter.prune, amount=trial.suggest_categorical("prune_amount", sp.prune_amount)),
-    )
-    head = trial.suggest_categorical("head_bits", sp.head_bits)
-    lr = trial.suggest_float("lr", sp.lr.low, sp.lr.high, log=sp.lr.log)
-    return method, adapter, lr, replace(params, transfer=replace(params.transfer, head_bits=head))
+    values = {"method": trial.suggest_categorical("method", sp.method)}
+    for knob in ("groups", "reduction", "placement", "task_bn", "bits", "prune_amount", "head_bits"):
+        values[knob] = trial.suggest_categorical(knob, getattr(sp, knob))
+    values["lr"] = trial.suggest_float("lr", sp.lr.low, sp.lr.high, log=sp.lr.log)
+    return from_trial(params, target, values, seed, max_epochs)
 
 
 # ------------------------------------------------------------------------------ liveness
@@ -221,18 +221,34 @@ def one_device(params: Params) -> Params:
                                            devices=t.devices[:1] if isinstance(t.devices, list) else 1))
 
 
+def run_trial(params: Params, trial: optuna.trial.BaseTrial, target: str, name: str, folder: Path,
+              parent: Optional[str], base_bytes: float) -> dict[str, Any]:
+    """One trial on the first seed (val only): the user attrs it records, or its `fail_reason`."""
+    s, stem = params.sweep, f"trial_{trial.number:04d}"
+    try:
+        spec = suggest(trial, params, target, params.seeds[0], s.max_epochs)
+        tracking = Tracking(f"sweep-{target}-trial{trial.number}",
+                            run_tags("sweep_trial", target=target, method=spec.method, precision="binary", study=name),
+                            parent, {"trial_number": trial.number, "study": name})
+        row = transfer.run(params, spec, tracking, out=folder / "trials", stem=stem, base_bytes=base_bytes,
+                           test=False).row
+    except (UserError, TrainingDiverged, RuntimeError, ValueError) as exc:  # invalid combination, diverged
+        return {"fail_reason": first_line(exc)}
+    shutil.rmtree(folder / "trials" / "checkpoints" / stem, ignore_errors=True)
+    result = {key: row[key] for key in ("val_acc", "task_memory_bytes", "adapter_memory_bytes", "memory_ratio",
+                                         "sparsity", "train_time_s", "epochs_run", "hit_cap_improving")}
+    return {**result, "adapter": str(folder / "trials" / f"{stem}.safetensors")}
+
+
 def run_worker(params: Params, target: str, name: str, storage_url: Optional[str], folder: Path,
                worker: int, parent_run_id: Optional[str], poll_s: float = 1.0) -> int:
     """Run trials until the study holds `n_trials` COMPLETE trials. Returns trials run here."""
-    from pipeline.train.tracking import run_tags
-    from pipeline.train.transfer import base_memory_bytes, train_transfer
-
     storage = open_storage(storage_url, folder)
     existing = len(optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False))
     study = optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(params, worker, existing))
     n, s = params.sweep.n_trials, params.sweep
     params = one_device(params)
-    base_bytes = base_memory_bytes()
+    base_bytes = transfer.base_memory_bytes()
     ran, failed_in_a_row = 0, 0
     while True:
         fail_stale_trials(study, storage, s.stale_after_s)
@@ -252,24 +268,8 @@ def run_worker(params: Params, target: str, name: str, storage_url: Optional[str
         beat = Heartbeat(storage, trial._trial_id, interval=max(1.0, s.stale_after_s / 4))
         # Read per trial, so trials nest under the parent the study records even if it changed.
         parent = study.user_attrs.get(PARENT_RUN_ATTR, parent_run_id)
-        result: dict[str, Any] = {}
         try:
-            method, adapter, lr, trial_params = suggest(trial, params)
-            stem = f"trial_{trial.number:04d}"
-            row, _ = train_transfer(
-                trial_params, target=target, method=method, precision="binary", seed=params.seeds[0], adapter=adapter,
-                optim=replace(params.transfer.optim, max_epochs=s.max_epochs, lr=lr), out=folder / "trials", stem=stem,
-                run_name=f"sweep-{target}-trial{trial.number}", parent_run_id=parent,
-                tags=run_tags("sweep_trial", target=target, method=method, precision="binary", study=name),
-                extra_params={"trial_number": trial.number, "study": name}, touch_test=False,
-                base_bytes=base_bytes,
-            )
-            shutil.rmtree(folder / "trials" / "checkpoints" / stem, ignore_errors=True)
-            result = {key: row[key] for key in ("val_acc", "task_memory_bytes", "adapter_memory_bytes", "memory_ratio",
-                                                 "sparsity", "train_time_s", "epochs_run", "hit_cap_improving")}
-            result["adapter"] = str(folder / "trials" / f"{stem}.safetensors")
-        except (UserError, RuntimeError, ValueError) as exc:  # invalid combination, diverged training
-            result = {"fail_reason": str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__}
+            result = run_trial(params, trial, target, name, folder, parent, base_bytes)
         finally:
             beat.stop()
         ran += 1
@@ -295,11 +295,7 @@ def run_worker(params: Params, target: str, name: str, storage_url: Optional[str
 
 
 def _spawned_worker(params, target, name, storage_url, folder, worker, parent_run_id) -> None:
-    import sys
-
-    from pipeline.train.parallel import _start, threads_each
-
-    _start(threads_each(params.sweep.workers))  # workers share the cores instead of oversubscribing them
+    start_worker(threads_each(params.sweep.workers))  # workers share the cores instead of oversubscribing them
     try:
         run_worker(params, target, name, storage_url, folder, worker, parent_run_id)
     except (UserError, EnvironmentFailure) as exc:
@@ -312,8 +308,6 @@ def run_workers(params: Params, target: str, name: str, storage_url: Optional[st
     if workers == 1:
         run_worker(params, target, name, storage_url, folder, 0, parent_run_id)
         return
-    import multiprocessing as mp
-
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_spawned_worker, args=(params, target, name, storage_url, folder, i, parent_run_id))
              for i in range(workers)]
@@ -364,3 +358,76 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
         row["duration_s"] = t.duration.total_seconds() if t.duration else None
         rows.append(row)
     return rows
+
+
+def pareto_points(study: optuna.Study, runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per Pareto trial: its params, the trial's own val accuracy, and mean ± 95% interval
+    over the retrained seeds of val and test accuracy, memory and training time."""
+    rows = []
+    for t in sorted(study.best_trials, key=lambda t: (t.values[1], t.number)):
+        r = runs[runs.number == t.number]
+        row = {"number": t.number, **t.params, "trial_val_acc": t.values[0], "seeds": len(r)}
+        for key in ("val_acc", "test_acc", "task_memory_bytes", "memory_ratio", "train_time_s", "epochs_run",
+                    *BREAKDOWN_COLUMNS):
+            row[key], row[f"{key}_ci"] = mean_ci(r[key])
+        row["memory_pct"] = 100 * row["memory_ratio"]
+        row["hit_cap_improving"] = int(r.hit_cap_improving.sum())
+        rows.append(row)
+    return pd.DataFrame(rows, columns=None if rows else ["number", "method", "val_acc", "val_acc_ci", "test_acc",
+                                                         "test_acc_ci", "task_memory_bytes", "memory_ratio", "memory_pct"])
+
+
+def retrain_pareto(params: Params, study: optuna.Study, target: str, folder: Path, parent: str,
+                   name: str) -> pd.DataFrame:
+    """The non-dominated COMPLETE trials (on val), each retrained on every seed at the arms' budget
+    (transfer.optim, the trial's lr), `sweep.workers` runs side by side: one row per (trial, seed),
+    the same columns as results.csv."""
+    params = one_device(params)
+    points = [(t.number, suggest(optuna.trial.FixedTrial(t.params), params, target, params.seeds[0]))
+              for t in sorted(study.best_trials, key=lambda t: (t.values[1], t.number))]
+    rows = protocol.retrain(params, points, folder / "pareto", {"parent_run_id": parent, "study": name},
+                            params.sweep.workers)
+    return pd.DataFrame(rows)
+
+
+def summarise(params: Params, study: optuna.Study, target: str, folder: Path, parent: str, t0: float) -> dict:
+    """trials.csv, the Pareto points retrained (pareto_runs.csv) and summarised (pareto.csv), the
+    sweep's metrics file and its MLflow parent run's metrics and files."""
+    s, name = params.sweep, study.study_name
+    trials = pd.DataFrame(trial_rows(study))
+    trials.to_csv(folder / "trials.csv", index=False)
+    runs = retrain_pareto(params, study, target, folder, parent, name)
+    runs.to_csv(folder / "pareto_runs.csv", index=False)
+    pareto = pareto_points(study, runs)
+    pareto.to_csv(folder / "pareto.csv", index=False)
+    hv = {split: hypervolume(list(zip(pareto[f"{split}_acc"], pareto.memory_pct)), s.reference_accuracy,
+                             s.reference_memory_pct) if len(pareto) else 0.0 for split in ("val", "test")}
+    states = trials.state.value_counts().to_dict()
+    done = trials[trials.state == "COMPLETE"] if len(trials) else trials
+    metrics = {
+        "study": name,
+        "complete": int(states.get("COMPLETE", 0)),
+        "failed": int(states.get("FAIL", 0)),
+        "pareto_size": len(pareto),
+        "seeds": len(params.seeds),
+        "hypervolume": round(hv["val"], 4),   # the number to compare sweeps by: val, never test
+        "hypervolume_test": round(hv["test"], 4),  # reported beside it, chooses nothing
+        "reference_point": {"accuracy": s.reference_accuracy, "memory_pct": s.reference_memory_pct},
+        "memory_pct_min": round(float(pareto.memory_pct.min()), 4) if len(pareto) else None,
+        "memory_pct_max": round(float(pareto.memory_pct.max()), 4) if len(pareto) else None,
+        "hit_cap_improving": int(runs.hit_cap_improving.sum()) if len(runs) else 0,
+        # trials stopped while still improving score low for their budget, not their configuration
+        "trials_hit_cap_improving": int(done.hit_cap_improving.fillna(False).astype(bool).sum()) if len(done) else 0,
+        "wall_time_s": round(time.perf_counter() - t0, 3),
+    }
+    write_json(METRICS_DIR / f"sweep_{target}.json", metrics)
+    log_to_run(params, parent, {k: metrics[k] for k in ("complete", "failed", "pareto_size", "hypervolume",
+                                                         "hypervolume_test")},
+               [folder / f for f in ("trials.csv", "pareto.csv", "pareto_runs.csv")])
+    print(f"sweep {target} ({name}): {metrics['complete']} complete, {metrics['failed']} failed, "
+          f"Pareto set {len(pareto)} retrained on {len(params.seeds)} seeds, hypervolume (val) {hv['val']:.4f}, "
+          f"{metrics['trials_hit_cap_improving']} trials stopped at the cap still improving")
+    for _, r in pareto.iterrows():
+        print(f"  trial {int(r.number):3d} {r.method:8s} memory {r.memory_pct:6.2f}% val {r.val_acc:.4f} "
+              f"± {r.val_acc_ci:.4f} test {r.test_acc:.4f} ± {r.test_acc_ci:.4f}")
+    return metrics

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import signal
 import subprocess
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+from mlflow import MlflowClient
+from mlflow.entities import Dataset, DatasetInput, InputTag
 
 from pipeline.config import Params, project_root
+from pipeline.io import sha256
+
+PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attr: the sweep's MLflow parent run
 
 
 def main_root(root: Path | None = None) -> Path:
@@ -37,9 +47,7 @@ def artifact_location(params: Params) -> str | None:
     return None
 
 
-def client(params: Params):
-    from mlflow import MlflowClient
-
+def client(params: Params) -> MlflowClient:
     return MlflowClient(tracking_uri(params))
 
 
@@ -63,13 +71,8 @@ def experiment_id(params: Params) -> str:
 def log_dataset(params: Params, run_id: str, folder: Path, manifest: dict) -> None:
     """The prepared dataset as the run's MLflow dataset input (the runs table's Dataset column):
     its name, a digest of the split sha256s in its manifest, its folder, and the split sizes."""
-    import hashlib
-    import json
-
-    from mlflow.entities import Dataset, DatasetInput, InputTag
-
     sizes = {split: sum(counts.values()) for split, counts in manifest["counts"].items()}
-    digest = hashlib.sha256(json.dumps(manifest["sha256"], sort_keys=True).encode()).hexdigest()[:16]
+    digest = sha256(manifest["sha256"], length=16)
     dataset = Dataset(name=manifest["name"], digest=digest, source_type="local",
                       source=json.dumps({"uri": str(Path(folder).resolve())}),
                       profile=json.dumps({"num_classes": manifest["num_classes"], **{f"{k}_images": v for k, v in sizes.items()}}))
@@ -97,25 +100,67 @@ def run_tags(stage: str, **extra: Any) -> dict[str, str]:
     return tags
 
 
-def transfer_keys(target: str, method: str, precision: str, adapter: Any, seed: int, head_bits: int) -> dict[str, Any]:
-    """The flat params every transfer-like run (transfer, sweep trial) carries, in MLflow and in
-    results.csv. Non-adapter methods carry the same keys with neutral values, so any two runs
-    compare side by side."""
-    is_adapter = method in ("serial", "parallel")
-    placement = adapter.placement if isinstance(adapter.placement, str) else ",".join(map(str, adapter.placement))
-    return {
-        "target": target,
-        "method": method,
-        "precision": precision,
-        "adapter_type": method if is_adapter else "none",
-        "groups": adapter.groups if is_adapter else 0,
-        "reduction": adapter.reduction if is_adapter else 0,
-        "placement": placement if is_adapter else "none",
-        "adapter_bits": adapter.bits if is_adapter else 0,
-        "learn_scale": bool(adapter.learn_scale) if is_adapter else False,
-        "head_bits": head_bits,
-        "prune_amount": adapter.prune.amount if is_adapter else 0.0,
-        "task_bn": bool(adapter.task_bn) if is_adapter else method in ("full", "bn"),
-        "bn_bits": adapter.bn_bits if is_adapter or method == "bn" else 32,
-        "seed": seed,
-    }
+def parent_run_id(params: Params, study, target: str, created: bool, wait_s: float) -> str:
+    """The sweep's MLflow parent run, recorded in the study itself, so resumed runs and workers on
+    other machines nest their trials under the same one. Only the study's creator makes it; the
+    others wait for it to be recorded, so simultaneous coordinators never make two."""
+    known = study.user_attrs.get(PARENT_RUN_ATTR)
+    deadline = time.monotonic() + (0 if created else wait_s)
+    while not known and time.monotonic() < deadline:
+        time.sleep(0.5)
+        known = study.user_attrs.get(PARENT_RUN_ATTR)
+    if known:
+        return known
+    # Creator, or a study whose creator died before recording one: adopt a tagged run or make one.
+    c, exp = client(params), experiment_id(params)
+    found = c.search_runs([exp], filter_string=f"tags.study = '{study.study_name}' and tags.stage = 'sweep'",
+                          max_results=1, order_by=["attributes.start_time ASC"])
+    run_id = found[0].info.run_id if found else \
+        c.create_run(exp, run_name=f"sweep-{target}", tags=run_tags("sweep", target=target, study=study.study_name)).info.run_id
+    study.set_user_attr(PARENT_RUN_ATTR, run_id)
+    return run_id
+
+
+@contextlib.contextmanager
+def parent_run(params: Params, study, target: str, created: bool, wait_s: float = 60.0) -> Iterator[str]:
+    """The sweep's parent run, open (RUNNING) while the block runs, then FINISHED, FAILED or KILLED.
+    SIGTERM (a killed `dvc repro`, a batch scheduler) unwinds like Ctrl-C, so the run is closed as
+    KILLED instead of staying RUNNING forever."""
+    run_id = parent_run_id(params, study, target, created, wait_s)
+    c = client(params)
+    c.update_run(run_id, status="RUNNING")  # reopened when a later call asks for more trials
+    try:
+        with _terminate_as_exit():
+            yield run_id
+    except KeyboardInterrupt:
+        c.set_terminated(run_id, "KILLED")
+        raise
+    except BaseException as exc:
+        c.set_terminated(run_id, "KILLED" if isinstance(exc, SystemExit) else "FAILED")
+        raise
+    c.set_terminated(run_id, "FINISHED")
+
+
+@contextlib.contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def log_to_run(params: Params, run_id: str, metrics: dict[str, float], files: list[Path]) -> None:
+    """Metrics and files onto an existing run (a sweep's parent)."""
+    c = client(params)
+    for key, value in metrics.items():
+        c.log_metric(run_id, key, float(value))
+    for f in files:
+        c.log_artifact(run_id, str(f))

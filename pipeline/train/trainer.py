@@ -15,7 +15,8 @@ from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger
 
 from pipeline.config import Optim, Params
-from pipeline.errors import UserError
+from pipeline.errors import UserError, first_line
+from pipeline.nn.pruning import prune_to
 from pipeline.train.tracking import artifact_location, experiment_id, start_child_run, tracking_uri
 
 
@@ -116,8 +117,6 @@ class PruningCallback(Callback):
             self.next_round = trainer.current_epoch + 1
 
     def on_train_epoch_start(self, trainer, pl_module):
-        from pipeline.nn.pruning import prune_to
-
         if self.next_round is not None and self.done < self.rounds and trainer.current_epoch >= self.next_round:
             self.done += 1
             self.next_round = trainer.current_epoch + self.every
@@ -241,7 +240,6 @@ def make_trainer(params: Params, *, run_name: str, tags: dict[str, str], optim: 
             default_root_dir=str(ckpt_dir) if ckpt_dir else None,
         )
     except (ValueError, TypeError, RuntimeError) as exc:  # Lightning rejects the hardware settings
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"trainer: {first[:300]} (accelerator={t.accelerator!r}, devices={t.devices!r}, "
+        raise UserError(f"trainer: {first_line(exc)} (accelerator={t.accelerator!r}, devices={t.devices!r}, "
                         f"strategy={t.strategy!r}, precision={t.precision!r})") from None
     return Run(trainer, logger, timing, ckpt, {"max_epochs": epochs or optim.max_epochs, "min_delta": optim.min_delta})

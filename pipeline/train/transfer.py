@@ -1,57 +1,84 @@
-"""One transfer run (base + new head [+ adapters] trained on a target, finalised, measured and
-saved): shared by the transfer stage and by sweep trials."""
+"""One transfer run of a `RunSpec`, in three steps with one job each: `fit` (base + new head
+[+ adapters] trained by the one training rule, then finalised), `measure` (accuracies, memory and
+its breakdown, timing, convergence: the results.csv row) and `save` (packed file, safetensors +
+JSON, MLflow artifacts, learning curve). `run` chains them; the transfer stages' protocol and the
+sweep use it.
+
+Multi-device strategies re-run the command once per device: every process fits and measures in
+step (the weights are synchronised, so the numbers agree), and only the primary writes."""
 
 from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from pipeline.config import BASE_DIR, PREPARED, Adapter, Optim, Params
-from pipeline.errors import UserError
+from pipeline.config import Params
+from pipeline.errors import TrainingDiverged
 from pipeline.nn.adapter_io import save_adapter
-from pipeline.nn.adapters import TaskSpec, TransferNet
+from pipeline.nn.adapters import TransferNet
 from pipeline.nn.checkpoint import load_base, sha256
 from pipeline.nn.export import export_packed
+from pipeline.nn.inference import accuracy
 from pipeline.nn.memory import breakdown, memory_report, storage_plan
 from pipeline.nn.pruning import sparsity
+from pipeline.paths import base_checkpoint, prepared
 from pipeline.train.datamodule import PreparedData
-from pipeline.train.evaluate import accuracy
-from pipeline.train.fit import fit_and_evaluate
-from pipeline.train.tracking import transfer_keys
+from pipeline.train.fit import FitResult, fit_and_evaluate
+from pipeline.train.spec import RunSpec
 from pipeline.train.trainer import PruningCallback, seed_everything
 
+SUFFIXES = (".safetensors", ".json", ".bnnpack")  # the files of one task state
 
-ADAPTER_SUFFIXES = (".safetensors", ".json", ".bnnpack")  # the files of one task state
+
+@dataclass(frozen=True)
+class Tracking:
+    """Where a run goes in MLflow: its name, tags, parent (sweep trials nest under their sweep)
+    and params beyond the run spec's own."""
+
+    run_name: str
+    tags: dict[str, str]
+    parent_run_id: Optional[str] = None
+    extra_params: dict[str, Any] = field(default_factory=dict)
 
 
-class TrainingDiverged(UserError):
-    pass
+@dataclass
+class Fitted:
+    spec: RunSpec
+    net: TransferNet         # finalised: exactly what the packed files store
+    fit: FitResult
+    data: PreparedData       # the untouched inputs, for the final numbers
+    prefix_s: float          # the frozen-prefix feature pass, part of the training time
+    base_sha256: str
+
+    @property
+    def primary(self) -> bool:
+        return self.fit.primary
+
+
+@dataclass
+class Record:
+    """What one run leaves: its results.csv row and its learning curve, and whether this process
+    is the one that wrote its files (False in the extra processes of a multi-device strategy)."""
+
+    row: dict[str, Any]
+    curve: list[dict[str, Any]]
+    primary: bool = True
 
 
 def base_memory_bytes() -> float:
     """Memory ratios are always against the binary base."""
-    return memory_report(load_base(BASE_DIR / "binary" / "model.pt")).bytes
+    return memory_report(load_base(base_checkpoint("binary"))).bytes
 
 
-def head_bits(params: Params, method: str) -> int:
-    """Every method that trains a new head stores it alike; full finetuning keeps a whole float copy."""
-    return 32 if method == "full" else params.transfer.head_bits
-
-
-def build_net(params: Params, target: str, method: str, precision: str, seed: int, adapter: Adapter,
-              batch_size: int) -> tuple[TransferNet, PreparedData, float]:
+def build(params: Params, spec: RunSpec) -> tuple[TransferNet, PreparedData, float]:
     """Base + new head (+ adapters), the data it trains on (frozen-prefix features cached), and the
-    seconds that feature pass took (part of the method's training time)."""
-    base = load_base(BASE_DIR / precision / "model.pt")
-    a, hb = adapter, head_bits(params, method)
-    if method in ("serial", "parallel"):
-        spec = TaskSpec(method, a.groups, a.reduction, a.placement, a.task_bn, a.bits, hb, a.bn_bits, a.learn_scale)
-    else:
-        spec = TaskSpec(method, head_bits=hb, bn_bits=a.bn_bits if method == "bn" else 32)
-    data = PreparedData(PREPARED / target, batch_size, params.trainer.num_workers, seed)
-    net = TransferNet(base, spec, data.num_classes)
+    seconds that feature pass took."""
+    base = load_base(base_checkpoint(spec.precision))
+    data = PreparedData(prepared(spec.target), spec.optim.batch_size, params.trainer.num_workers, spec.seed)
+    net = TransferNet(base, spec.state, data.num_classes)
     k = net.frozen_prefix()
     t0 = time.perf_counter()
     if k:  # run the frozen part once, without autograd, instead of every epoch
@@ -60,82 +87,81 @@ def build_net(params: Params, target: str, method: str, precision: str, seed: in
     return net, data, time.perf_counter() - t0
 
 
-def train_transfer(params: Params, *, target: str, method: str, precision: str, seed: int, adapter: Adapter,
-                   optim: Optim, out: Path, stem: str, run_name: str, tags: dict[str, str],
-                   extra_params: Optional[dict[str, Any]] = None, callbacks: Optional[list] = None,
-                   parent_run_id: Optional[str] = None, touch_test: bool = True,
-                   base_bytes: Optional[float] = None) -> tuple[Optional[dict], list[dict]]:
-    """Train, finalise (permanent pruning, frozen k-bit codes), measure memory, save the adapter
-    files under `out/stem.*`. With touch_test=False (sweep trials) the test split is not read.
-    In the extra processes of a multi-device strategy the row holds only `primary: False`, the lr
-    and the (synchronised) val accuracy, and nothing is written."""
-    seed_everything(seed, params)
-    net, data, prefix_s = build_net(params, target, method, precision, seed, adapter, optim.batch_size)
-    raw = PreparedData(PREPARED / target, 1, 0, seed)  # untouched inputs for the final numbers
-    prune = adapter.prune
-    pruning = method in ("serial", "parallel") and prune.amount > 0
-    cbs, gate, epochs = list(callbacks or []), None, optim.max_epochs
-    if pruning:  # dense phase (up to the cap), the rounds, then the sparse network under the same rule
-        cb = PruningCallback(net.adapter_convs(), prune.amount, prune.rounds, prune.epochs, optim.max_epochs,
-                             prune.scope, optim.patience, optim.min_delta)
-        cbs.append(cb)
-        gate, epochs = cb.selecting, 2 * optim.max_epochs + prune.rounds * prune.epochs
-    keys = transfer_keys(target, method, precision, adapter, seed, head_bits(params, method))
-    base_file = BASE_DIR / precision / "model.pt"
-    base_sha = sha256(base_file)
+def fit(params: Params, spec: RunSpec, tracking: Tracking, ckpt_dir: Path) -> Fitted:
+    """Train `spec` by the one training rule, then finalise the network (permanent pruning,
+    frozen k-bit codes, fused BN). Raises TrainingDiverged when the loss went non-finite."""
+    seed_everything(spec.seed, params)
+    net, data, prefix_s = build(params, spec)
+    callbacks, gate = [], None
+    if spec.pruned:
+        p, o = spec.prune, spec.optim
+        cb = PruningCallback(net.adapter_convs(), p.amount, p.rounds, p.epochs, o.max_epochs, p.scope,
+                             o.patience, o.min_delta)
+        callbacks, gate = [cb], cb.selecting
+    base_sha = sha256(base_checkpoint(spec.precision))
     result = fit_and_evaluate(
-        params, net, data, optim, epochs=epochs, callbacks=cbs, gate=gate,
-        run_name=run_name, tags=tags, parent_run_id=parent_run_id, test=touch_test,
-        flat_params={**keys, "lr": optim.lr, "batch_size": optim.batch_size, "max_epochs": epochs,
-                     "patience": optim.patience, "min_delta": optim.min_delta, "base_sha256": base_sha,
-                     **(extra_params or {})},
-        ckpt_dir=out / "checkpoints" / stem,
-    )
-    if not result.primary:  # an extra DDP process: only what keeps the stage's choices in step
-        return {"primary": False, "lr": optim.lr, "val_acc": result.val_acc}, []
+        params, net, data, spec.optim, lr=spec.lr, epochs=spec.epoch_cap, callbacks=callbacks, gate=gate,
+        run_name=tracking.run_name, tags=tracking.tags, parent_run_id=tracking.parent_run_id, test=False,
+        flat_params={**spec.mlflow_params(), "base_sha256": base_sha, **tracking.extra_params}, ckpt_dir=ckpt_dir)
     loss = result.run.trainer.callback_metrics.get("train_loss")
     if loss is not None and not math.isfinite(float(loss)):
         raise TrainingDiverged(f"training diverged (train loss {float(loss)})")
     net.start = 0
     net.finalize()
     net.eval()
-    task_plan = storage_plan(net, include=net.is_task_module)
+    return Fitted(spec, net, result, PreparedData(prepared(spec.target), 1, 0, spec.seed), prefix_s, base_sha)
+
+
+def measure(f: Fitted, base_bytes: float, test: bool = True) -> dict[str, Any]:
+    """The results.csv row. With test=False (sweep trials) the test split is not read."""
+    net, splits = f.net, f.data.splits
     task = memory_report(net, include=net.is_task_module)
-    adapter_mem = memory_report(net, include=lambda n, m: ".adapter" in n)
-    base_bytes = base_bytes or base_memory_bytes()
-    row = {
-        **keys,
+    adapter = memory_report(net, include=lambda n, m: ".adapter" in n)
+    return {
+        **f.spec.columns(),
         "sparsity": round(sparsity(net.adapter_convs()), 6),
-        "val_acc": accuracy(net, *raw.splits["val"]),
-        "test_acc": accuracy(net, *raw.splits["test"]) if touch_test else None,
+        "val_acc": accuracy(net, *splits["val"]),
+        "test_acc": accuracy(net, *splits["test"]) if test else None,
         "task_memory_bytes": task.bytes,
-        "adapter_memory_bytes": adapter_mem.bytes,
+        "adapter_memory_bytes": adapter.bytes,
         "base_memory_bytes": base_bytes,
         "memory_ratio": task.bytes / base_bytes,
-        **{f"mem_{k}_bytes": v for k, v in breakdown(task_plan).items()},  # BREAKDOWN_COLUMNS
-        **result.timing_metrics(prefix_s),
+        **{f"mem_{k}_bytes": v for k, v in breakdown(storage_plan(net, include=net.is_task_module)).items()},
+        **f.fit.timing_metrics(f.prefix_s),
         "trainable_params": sum(p.numel() for p in net.parameters() if p.requires_grad),
-        "lr": optim.lr,
-        **result.convergence(),
+        "lr": f.spec.lr,
+        **f.fit.convergence(),
     }
-    packed_meta = {"target": target, "method": method, "precision": precision, "seed": seed,
-                   "arch": net.base.arch.to_dict(), "spec": net.spec.to_dict(), "num_classes": raw.num_classes,
-                   "classes": raw.manifest["classes"], "base_sha256": base_sha,
-                   "dataset_sha256": raw.manifest["sha256"]}  # TASK_META: enough to run it on its base
-    packed = export_packed(net, out / f"{stem}.bnnpack", packed_meta, include=net.is_task_module)
+
+
+def save(f: Fitted, row: dict[str, Any], stem: Path) -> list[dict[str, Any]]:
+    """Write `stem`.bnnpack, .safetensors and .json, log the row and files to the run's MLflow run,
+    and return the learning curve; adds `packed_payload_bytes` to `row`."""
+    net, spec, manifest = f.net, f.spec, f.data.manifest
+    meta = {**spec.to_dict(), "arch": net.base.arch.to_dict(), "num_classes": f.data.num_classes,
+            "classes": manifest["classes"], "base_sha256": f.base_sha256,
+            "dataset_sha256": manifest["sha256"]}  # TASK_META: enough to run it on its base
+    packed = export_packed(net, stem.with_suffix(".bnnpack"), meta, include=net.is_task_module)
     row["packed_payload_bytes"] = packed["payload_bytes"]
-    save_adapter(net, out / stem, {
-        "target": target, "method": method, "precision": precision, "seed": seed,
-        "base": str(base_file), "base_sha256": base_sha,
-        "classes": raw.manifest["classes"], "dataset_sha256": raw.manifest["sha256"],
-        "memory": {"task": task.to_dict(), "adapter_bytes": adapter_mem.bytes, "packed": packed},
+    task = memory_report(net, include=net.is_task_module)
+    save_adapter(net, stem, {
+        **meta, "base": str(base_checkpoint(spec.precision)),
+        "memory": {"task": task.to_dict(), "adapter_bytes": row["adapter_memory_bytes"], "packed": packed},
         "metrics": {k: row[k] for k in ("val_acc", "test_acc", "task_memory_bytes", "memory_ratio")},
     })  # no run id here: same params and seed give byte-identical adapter files
-    result.log_metrics({k: v for k, v in row.items() if isinstance(v, (int, float))
-                        and k not in keys})
+    columns = spec.columns()
+    f.fit.log_metrics({k: v for k, v in row.items() if isinstance(v, (int, float)) and k not in columns})
     for suffix in (".safetensors", ".json"):
-        result.log_artifact(out / f"{stem}{suffix}")
-    curve = [{"seed": seed, "lr": optim.lr, "epoch": r.epoch, "elapsed_train_s": round(prefix_s + r.elapsed_train_s, 4),
-              "val_acc": r.val_acc}
-             for r in result.run.timing.history]
-    return row, curve
+        f.fit.log_artifact(stem.with_suffix(suffix))
+    return [{"seed": spec.seed, "lr": spec.lr, "epoch": r.epoch,
+             "elapsed_train_s": round(f.prefix_s + r.elapsed_train_s, 4), "val_acc": r.val_acc}
+            for r in f.fit.run.timing.history]
+
+
+def run(params: Params, spec: RunSpec, tracking: Tracking, out: Path, stem: str, base_bytes: float,
+        test: bool = True) -> Record:
+    """Fit, measure and save one run: files `out/stem.*`, checkpoints under `out/checkpoints/stem`."""
+    f = fit(params, spec, tracking, out / "checkpoints" / stem)
+    row = measure(f, base_bytes, test)
+    curve = save(f, row, out / stem) if f.primary else []
+    return Record(row, curve, f.primary)
