@@ -1,7 +1,8 @@
 """`pipeline <command>`: the one entry point for dvc.yaml and for people.
 
-User mistakes (UserError) print one line and exit 2; environment failures exit 1.
-Heavy imports happen inside commands so `pipeline --help` and bad arguments answer fast.
+User mistakes (UserError) print one line and exit 2; environment failures and diverged runs exit 1.
+Each command imports its stage inside its function: torch, Lightning and MLflow take seconds to
+import, so `pipeline --help` and a bad argument answer at once (`python -X importtime`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,11 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from pipeline.config import load_params
+from pipeline.console import quiet
+from pipeline.errors import EnvironmentFailure, TrainingDiverged, UserError, first_line
+from pipeline.paths import base_checkpoint
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2, no usage dump
@@ -19,8 +25,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _params(args):
-    from pipeline.config import load_params
-
     return load_params(args.params)
 
 
@@ -43,7 +47,6 @@ def cmd_transfer(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from pipeline.errors import UserError
     from pipeline.stages import evaluate
 
     if args.packed:
@@ -56,7 +59,6 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_bank(args) -> None:
-    from pipeline.errors import UserError
     from pipeline.stages import evaluate
 
     if args.swaps < 1:
@@ -90,18 +92,16 @@ def cmd_results(args) -> None:
 
 
 def cmd_memory(args) -> None:
-    from pipeline.nn.backbones import BACKBONES, Arch, build_backbone
+    from pipeline.nn.backbones import Arch, build_backbone
     from pipeline.nn.memory import memory_report
-    from pipeline.errors import UserError
 
-    if args.model not in BACKBONES:
-        raise UserError(f"memory: unknown model '{args.model}'; allowed: {', '.join(BACKBONES)}")
     for key in ("num_classes", "input_size", "in_channels"):
         if getattr(args, key) < 1:
             raise UserError(f"memory: --{key.replace('_', '-')} must be >= 1")
     if args.width is not None and args.width < 1:
         raise UserError("memory: --width must be >= 1")
-    net = build_backbone(Arch(args.model, args.precision, args.num_classes, args.in_channels, args.input_size, args.width))
+    arch = Arch(args.model, args.precision, args.num_classes, args.in_channels, args.input_size, args.width)
+    net = build_backbone(arch, key="memory --model")
     report = memory_report(net)
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -189,25 +189,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_memory)
 
     p = sub.add_parser("export", help="write a trained base bit-packed (1 bit per binary weight)")
-    p.add_argument("--model", default="models/base/binary/model.pt")
+    p.add_argument("--model", default=str(base_checkpoint("binary")))
     p.add_argument("--out", default=None)
     p.set_defaults(func=cmd_export)
     return parser
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    from pipeline.console import quiet
-    from pipeline.errors import EnvironmentFailure, UserError
-
     quiet()
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (UserError, EnvironmentFailure) as exc:
+    except (UserError, EnvironmentFailure, TrainingDiverged) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         # Lightning refusing the hardware settings (an accelerator this machine lacks) is the params.
         if type(exc).__name__ == "MisconfigurationException" and type(exc).__module__.startswith("lightning"):
             print(f"error: trainer: {first} (set trainer.accelerator, devices, strategy in params.yaml)", file=sys.stderr)
