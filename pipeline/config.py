@@ -251,6 +251,10 @@ class Sweep:
     n_startup_trials: int = field(metadata=_range(ge=0))  # random trials before the sampler's model
     anchors: bool  # first trials: the smallest and largest configuration of each adapter type
     seed: int
+    # The sampler proposes trial n from the results of trials 0..n - in_flight (pipeline.train.proposals),
+    # whatever the timing. Best: the workers on all machines together (fewer idles some workers
+    # while the model waits; more lets it see fewer results).
+    in_flight: int = field(metadata=_range(ge=1, le=64))
     # Trials follow the training rule with transfer.optim, capped at these epochs; the Pareto
     # points are then retrained on every seed at transfer.optim's own budget.
     max_epochs: int = field(metadata=_range(ge=1))

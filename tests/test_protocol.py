@@ -136,6 +136,7 @@ def _manifest_sha(**changed) -> dict:
     {"adapter": {"prune": {"scope": "global"}}},
     {"seeds": [0, 1]},
     {"sweep": {"max_epochs": 4}},
+    {"sweep": {"in_flight": 3}},      # the proposals depend on it
     {"sweep": {"space": {"groups": [4]}}},
     {"trainer": {"precision": "64-true"}},
 ])

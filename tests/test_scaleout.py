@@ -142,6 +142,6 @@ def test_two_workers_postgres_and_mlflow_server(postgres, mlflow_server, tmp_pat
     parent = study.user_attrs["mlflow_parent_run_id"]
     children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
     numbers = sorted(int(r.data.params["trial_number"]) for r in children if r.data.tags["stage"] == "sweep_trial")
-    assert numbers == sorted(t.number for t in complete)
+    assert numbers == sorted(t.user_attrs["proposal"] for t in complete)  # MLflow numbers proposals, not attempts
     retrained = {int(r.data.params["trial_number"]) for r in children if r.data.tags["stage"] == "sweep_retrain"}
     assert retrained and retrained <= set(numbers)  # the Pareto points, retrained under the same parent

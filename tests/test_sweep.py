@@ -24,7 +24,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from conftest import BIN, copy_project, run_cli, tiny_params
+from conftest import BIN, copy_project, tiny_params
 
 pytestmark = pytest.mark.slow
 
@@ -37,6 +37,7 @@ SPACE = {
     "bits": [4, 8],
     "prune_amount": [0.0],
     "task_bn": [False],
+    "head_bits": [8],
     "lr": {"low": 0.005, "high": 0.01, "log": True},
 }
 PRINTED = re.compile(r"sweep mnist_5to9 \((?P<name>[^)]+)\): (?P<complete>\d+) complete, (?P<failed>\d+) failed")
@@ -59,23 +60,23 @@ def _snapshot(trials) -> list[tuple]:
     return [(t.number, t.params, t.values, t.datetime_complete) for t in trials]
 
 
-def _sweep(root: Path, *args: str, params_file: str | None = None) -> tuple[str, subprocess.CompletedProcess]:
+def _sweep(root: Path, *args: str, params_file: str | None = None, **env: str) -> tuple[str, subprocess.CompletedProcess]:
     pre = ["--params", params_file] if params_file else []
-    proc = _run(["pipeline", *pre, "sweep", "--target", TARGET, *args], root, timeout=300)
+    proc = _run(["pipeline", *pre, "sweep", "--target", TARGET, *args], root, timeout=300, **env)
     match = PRINTED.search(proc.stdout)
     assert match, proc.stdout[-2000:]
     return match["name"], proc
 
 
-def _env() -> dict:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+def _env(**extra: str) -> dict:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", **extra}
     env.pop("MLFLOW_TRACKING_URI", None)
     return env
 
 
-def _run(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+def _run(args: list[str], cwd: Path, timeout: float, **env: str) -> subprocess.CompletedProcess:
     """run_cli with a shorter timeout: a hung sweep fails the test instead of stalling the suite."""
-    proc = subprocess.Popen(args, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc = subprocess.Popen(args, cwd=cwd, env=_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)  # its own group: worker processes included in a kill
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
@@ -126,11 +127,7 @@ def project(built_project, tmp_path_factory) -> dict:
                             "sweep.space": copy.deepcopy(SPACE)})
     root = copy_project(built_project[0], tmp_path_factory.mktemp("sweep") / "proj")
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    # longer trials for the tests that must catch a trial RUNNING or see two workers overlap
-    slow = copy.deepcopy(params)
-    slow["sweep"]["max_epochs"] = 15
-    slow["transfer"]["optim"]["patience"] = 15
-    return {"root": root, "params": params, "slow": _write_params(root, "params_slow.yaml", slow)}
+    return {"root": root, "params": params}
 
 
 @pytest.fixture(scope="module")
@@ -270,50 +267,6 @@ def test_fail_stale_trials_in_process(tmp_path):
     assert fail_stale_trials(study, storage, 60) == []  # nothing left to fail
 
 
-def test_killed_sweep_is_recovered(project):
-    root, slow = project["root"], project["slow"]
-    lock = root / "reports/sweep" / TARGET / "optuna.journal.lock"
-    proc = subprocess.Popen(["pipeline", "--params", slow, "sweep", "--target", TARGET, "--study-name", "kill-test",
-                             "--n-trials", "4"], cwd=root, env=_env(), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    try:
-        while time.time() < deadline:
-            assert proc.poll() is None, "the sweep ended before a trial was caught RUNNING"
-            try:
-                study = _load(root, "kill-test")
-            except KeyError:  # not created yet
-                time.sleep(0.2)
-                continue
-            # a trial past its start-up writes (pid, heartbeat, all params), killed between journal
-            # writes: a kill inside a write is test_lock_left_by_a_killed_worker_is_recovered
-            running = [t for t in study.get_trials(states=(TrialState.RUNNING,))
-                       if "worker_pid" in t.system_attrs and len(t.params) == len(PARAM_KEYS)]
-            if running and not os.path.lexists(lock):
-                os.killpg(proc.pid, signal.SIGKILL)
-                break
-            time.sleep(0.1)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()  # reaped: the pid is really gone, not a zombie
-    victims = _load(root, "kill-test").get_trials(states=(TrialState.RUNNING,))
-    assert len(victims) == 1, "no trial RUNNING when the sweep was killed"
-    victim = victims[0]
-    assert victim.system_attrs["worker_pid"] == proc.pid
-
-    out = _run(["pipeline", "--params", slow, "sweep", "--target", TARGET, "--study-name", "kill-test",
-                "--n-trials", "4"], root, timeout=300)
-    assert PRINTED.search(out.stdout)["name"] == "kill-test"
-    study = _load(root, "kill-test")
-    assert len(_complete(study)) == 4
-    killed = next(t for t in study.get_trials() if t.number == victim.number)
-    assert killed.state == TrialState.FAIL
-    assert killed.user_attrs["fail_reason"].startswith("stale")
-    assert str(proc.pid) in killed.user_attrs["fail_reason"]
-    assert not study.get_trials(states=(TrialState.RUNNING,))
-
-
 _LOCK_SCRIPT = """
 import os, signal, sys
 from pathlib import Path
@@ -352,25 +305,99 @@ def test_lock_left_by_a_killed_worker_is_recovered(tmp_path):
     assert made and int(made[1]) >= 1, ok.stdout  # the new worker's trial is in the journal
 
 
-# ------------------------------------------------------------------------------ 4. two workers
+# ------------------------------------------------------------------------------ 4. two workers, any timing
+
+def _reports(root: Path) -> dict[str, pd.DataFrame]:
+    """The sweep's reports without their timings (seconds: the only columns allowed to differ)."""
+    folder = root / "reports/sweep" / TARGET
+    out = {}
+    for f in ("trials.csv", "pareto.csv", "pareto_runs.csv"):
+        df = pd.read_csv(folder / f)
+        out[f] = df.drop(columns=[c for c in df.columns if re.search(r"_s(_ci)?$|time", c)])
+    return out
 
 
-def test_two_workers_exact_quota(project):
+@pytest.fixture(scope="module")
+def timings(project) -> dict:
+    """One 2-worker sweep (5 trials: 4 anchors, then the model's proposal 4 from the results of
+    0..2 while 3 may run) three ways: worker 1 slowed by 2 s a trial, worker 0 slowed instead, and
+    killed with two trials complete and one RUNNING, then resumed. Each in its own study."""
+    from pipeline.train.sweep import DELAY_ENV
+
     root = project["root"]
-    name, out = _sweep(root, "--study-name", "two-workers", "--n-trials", "4", "--workers", "2",
-                       params_file=project["slow"])
-    assert name == "two-workers"
-    study = _load(root, name)
-    complete = _complete(study)
-    assert len(complete) == 4
-    assert len({t.number for t in complete}) == 4
-    pids = {t.system_attrs["worker_pid"] for t in complete}
-    assert len(pids) == 2, pids
-    assert all(t.system_attrs["worker_host"] == socket.gethostname() for t in complete)
-    for t in study.get_trials(states=(TrialState.FAIL,)):
-        assert t.user_attrs["fail_reason"].startswith("surplus"), t.user_attrs
+    params = copy.deepcopy(project["params"])
+    params["sweep"].update(n_trials=5, workers=2, in_flight=2, n_startup_trials=0)
+    file = _write_params(root, "params_two.yaml", params)
+    out = {}
+    for name, slowed in (("two-a", "1:2"), ("two-b", "0:2")):
+        _sweep(root, "--study-name", name, params_file=file, **{DELAY_ENV: slowed})
+        out[name] = {"reports": _reports(root), "study": _load(root, name)}
+    lock = root / "reports/sweep" / TARGET / "optuna.journal.lock"
+    proc = subprocess.Popen(["pipeline", "--params", file, "sweep", "--target", TARGET, "--study-name", "two-kill"],
+                            cwd=root, env=_env(), start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            assert proc.poll() is None, "the sweep ended before it was caught mid-way"
+            try:
+                trials = _load(root, "two-kill").get_trials()
+            except KeyError:  # not created yet
+                time.sleep(0.2)
+                continue
+            # killed between journal writes: a kill inside a write is test_lock_left_by_a_killed_worker_is_recovered
+            running = [t for t in trials if t.state == TrialState.RUNNING and "worker_pid" in t.system_attrs]
+            if sum(t.state == TrialState.COMPLETE for t in trials) >= 2 and running and not os.path.lexists(lock):
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()  # reaped: the pids are really gone, not zombies
+    victims = _load(root, "two-kill").get_trials(states=(TrialState.RUNNING,))
+    _sweep(root, "--study-name", "two-kill", params_file=file)
+    out["two-kill"] = {"reports": _reports(root), "study": _load(root, "two-kill"), "victims": victims}
+    return out
+
+
+def test_two_workers_give_the_same_trials_whatever_their_timing(timings):
+    """The same params, worker 1 or worker 0 slowed: the same trials (numbers, parameters, values),
+    Pareto set and retrained numbers; exactly n_trials COMPLETE, both workers trained."""
+    a, b = timings["two-a"], timings["two-b"]
+    for f in ("trials.csv", "pareto.csv", "pareto_runs.csv"):
+        pd.testing.assert_frame_equal(a["reports"][f], b["reports"][f], obj=f)
+    trials = a["reports"]["trials.csv"]
+    assert list(trials.number) == [0, 1, 2, 3, 4] and (trials.state == "COMPLETE").all()
+    assert list(trials.anchor) == [True] * 4 + [False]
+    for run in (a, b):
+        complete = _complete(run["study"])
+        assert sorted(t.user_attrs["proposal"] for t in complete) == [0, 1, 2, 3, 4]
+        assert len({t.system_attrs["worker_pid"] for t in complete}) == 2  # both trained
+        assert not run["study"].get_trials(states=(TrialState.RUNNING,))
+        for t in run["study"].get_trials(states=(TrialState.FAIL,)):  # only lost attempts, retried
+            assert t.user_attrs["fail_reason"].startswith(("lost:", "stale:")), t.user_attrs
+    front = _non_dominated({int(r.number): (r.val_acc, r.task_memory_bytes) for _, r in trials.iterrows()})
+    assert set(a["reports"]["pareto.csv"].number) == front
+
+
+def test_a_killed_sweep_resumes_to_the_same_trials(timings):
+    """Killed with trials RUNNING, then rerun: each killed attempt is failed as stale (its pid
+    gone) and its proposal retried as itself, so the reports equal the uninterrupted runs'."""
+    run, victims = timings["two-kill"], timings["two-kill"]["victims"]
+    assert victims, "no trial RUNNING when the sweep was killed"
+    for f in ("trials.csv", "pareto.csv", "pareto_runs.csv"):
+        pd.testing.assert_frame_equal(timings["two-a"]["reports"][f], run["reports"][f], obj=f)
+    study = run["study"]
+    by_number = {t.number: t for t in study.get_trials()}
+    held = {t.user_attrs["proposal"]: t for t in _complete(study)}
+    for v in victims:
+        killed = by_number[v.number]
+        assert killed.state == TrialState.FAIL and killed.user_attrs["fail_reason"].startswith("stale")
+        assert str(v.system_attrs["worker_pid"]) in killed.user_attrs["fail_reason"]
+        retry = held[v.user_attrs["proposal"]]
+        assert retry.number > v.number and retry.params == v.params
     assert not study.get_trials(states=(TrialState.RUNNING,))
-    assert PRINTED.search(out.stdout)["complete"] == "4"
 
 
 # ------------------------------------------------------------------------------ 5. failing trials, in process
@@ -410,8 +437,8 @@ def test_failing_trial_is_recorded_and_skipped(in_process, monkeypatch, tmp_path
                               storage=JournalStorage(JournalFileBackend(str(folder / "optuna.journal"))))
     trials = study.get_trials()
     assert ran == 3 and calls == ["trial_0000", "trial_0001", "trial_0002"]
-    # the anchors not yet run (4 enqueued, 3 taken) wait for a later, larger quota
-    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE, TrialState.WAITING]
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert [t.user_attrs["proposal"] for t in trials] == [0, 1, 2]  # a failure is a result: not retried
     assert trials[0].user_attrs["fail_reason"] == "invalid combination"
     assert "val_acc" not in trials[0].user_attrs
     for t in trials[1:3]:
@@ -446,6 +473,10 @@ def test_worker_survives_its_trial_being_failed_as_stale(in_process, monkeypatch
     trials = study.get_trials()
     assert trials[0].state == TrialState.FAIL and trials[0].user_attrs["fail_reason"].startswith("stale")
     assert len(_complete(study)) == 2
+    # the result of the attempt judged stale is discarded; its proposal is retried as itself
+    assert calls == ["trial_0000", "trial_0000", "trial_0001"]
+    assert [t.user_attrs["proposal"] for t in _complete(study)] == [0, 1]
+    assert _complete(study)[0].params == trials[0].params
 
 
 def test_only_the_study_creator_makes_the_parent_run(in_process, tmp_path):
@@ -466,7 +497,7 @@ def test_only_the_study_creator_makes_the_parent_run(in_process, tmp_path):
     waiter.start()
     time.sleep(1.5)  # the non-creator is waiting now, with nothing recorded yet
     assert "b" not in got
-    got["a"] = parent_run(params, study_a, TARGET, created_a)
+    got["a"] = parent_run(params, study_a, TARGET, created_a, wait_s=60)
     waiter.join(timeout=60)
     assert got["a"] == got["b"]
     client = MlflowClient("sqlite:///" + str(root / "mlflow.db"))
@@ -515,30 +546,3 @@ def test_mlflow_parent_and_child_runs(project, resumed):
         assert r.data.metrics["task_memory_bytes"] == t.values[1]
     # every child of this parent belongs to this study
     assert all(r.data.tags.get("study") == name for r in children)
-
-
-def test_anchors_are_each_adapter_types_ends_and_run_first(tmp_path):
-    """The default space's corners, by hand: smallest = most groups (32), most reduction (2), fewest
-    blocks (last:1), fewest bits (1), most pruning (0.9), no task BN, a 4-bit head; largest = the
-    opposite ends (groups 1, reduction 1, all blocks, 32-bit, no pruning, task BN, 8-bit head); lr the log-midpoint of
-    0.003-0.03 (sqrt(0.003 * 0.03) = 0.0094868). A new study holds them as its first trials."""
-    from pipeline.config import parse_params
-    from pipeline.train.sweep import anchors, create_study
-
-    params = parse_params(yaml.safe_load((Path(__file__).parents[1] / "params.yaml").read_text()))
-    got = anchors(params)
-    small = {"groups": 32, "reduction": 2, "placement": "last:1", "bits": 1, "prune_amount": 0.9, "task_bn": False,
-             "head_bits": 4}
-    large = {"groups": 1, "reduction": 1, "placement": "all", "bits": 32, "prune_amount": 0.0, "task_bn": True,
-             "head_bits": 8}
-    assert [{k: v for k, v in a.items() if k != "lr"} for a in got] == \
-        [{"method": "serial", **small}, {"method": "serial", **large},
-         {"method": "parallel", **small}, {"method": "parallel", **large}]
-    assert all(abs(a["lr"] - 0.0094868) < 1e-6 for a in got)
-    study, created = create_study(params, "mnist_5to9", "s1", None, tmp_path)
-    assert created
-    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-    assert [t.system_attrs["fixed_params"] for t in waiting] == got and all(t.user_attrs["anchor"] for t in waiting)
-    off = replace(params, sweep=replace(params.sweep, anchors=False))
-    study2, _ = create_study(off, "mnist_5to9", "s2", None, tmp_path)
-    assert study2.get_trials(deepcopy=False) == []

@@ -1,14 +1,19 @@
 """Optuna sweeps of adapter configurations: maximise val accuracy, minimise task memory.
 
-Resumable (the study name is a hash of the settings; `n_trials` counts COMPLETE trials),
-safe for several workers on one storage (exactly `n_trials` complete: a worker only starts a
-trial while fewer than `n_trials` are complete or running, and gives a trial back if lower-numbered
-ones already fill the quota), and robust to killed workers (RUNNING trials whose process is gone,
-or whose heartbeat is older than `stale_after_s`, are failed with a reason).
+A trial's configuration is proposal n of `pipeline.train.proposals`: a function of the settings,
+the target, n and the results of a set of earlier proposals fixed by n, so the same params give
+the same trials, Pareto set and report whatever the workers' timing, on one machine or many.
+Resumable (the study name is a hash of the settings; `n_trials` counts COMPLETE proposals: the
+study is proposals 0..Q, Q the n_trials-th to complete); safe for several workers on one storage
+(a worker takes the lowest proposal no attempt holds; of two attempts at one proposal the
+lower-numbered keeps it); robust to killed workers (RUNNING attempts whose process is gone, or
+whose heartbeat is older than `stale_after_s`, are failed as stale, and their proposal is
+retried as itself). The Optuna trial number counts attempts; trials.csv numbers proposals.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -25,20 +30,21 @@ import optuna
 import pandas as pd
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState, create_trial
 from sqlalchemy.exc import IntegrityError, ProgrammingError
 
 from pipeline.config import Params
 from pipeline.errors import EnvironmentFailure, TrainingDiverged, UserError, first_line
 from pipeline.io import sha256, write_json
-from pipeline.nn.binary import storage_bits
 from pipeline.nn.memory import BREAKDOWN_COLUMNS
 from pipeline.paths import METRICS_DIR
 from pipeline.stats import mean_ci
 from pipeline.train import protocol, transfer
 from pipeline.train.parallel import start_worker, threads_each
-from pipeline.train.pareto import hypervolume
-from pipeline.train.spec import RunSpec, from_trial
+from pipeline.train.pareto import hypervolume, pareto_mask
+from pipeline.train.proposals import (Earlier, anchors, distributions, needs,
+                                       propose)
+from pipeline.train.spec import from_trial
 from pipeline.train.tracking import PARENT_RUN_ATTR, log_to_run, run_tags
 from pipeline.train.transfer import Tracking
 
@@ -55,7 +61,7 @@ def study_name(params: Params, target: str, base_sha256: str, data_sha256: dict)
     s, t = params.sweep, params.trainer
     key = {"space": asdict(s.space), "target": target, "base": base_sha256, "data": data_sha256,
            "max_epochs": s.max_epochs, "sampler": s.sampler, "seed": s.seed, "seeds": params.seeds,
-           "n_startup_trials": s.n_startup_trials, "anchors": s.anchors,
+           "n_startup_trials": s.n_startup_trials, "anchors": s.anchors, "in_flight": s.in_flight,
            "optim": asdict(params.transfer.optim), "head_bits": params.transfer.head_bits,
            "prune": asdict(params.adapter.prune), "bn_bits": params.adapter.bn_bits,
            "learn_scale": params.adapter.learn_scale,
@@ -92,47 +98,6 @@ def _open_rdb(url: str, attempts: int = 8):
             if attempt == attempts - 1 or not ("duplicate" in text or "already exists" in text):
                 raise
             time.sleep(0.25 * (attempt + 1))
-
-
-def make_sampler(params: Params, worker: int, existing: int = 0) -> optuna.samplers.BaseSampler:
-    # Workers, and a resumed study, must not replay the random stream that proposed earlier trials.
-    seed = params.sweep.seed + 1000 * worker + existing
-    if params.sweep.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed, constant_liar=True, n_startup_trials=params.sweep.n_startup_trials)
-
-
-def _placement_size(p: str) -> float:
-    return float("inf") if p == "all" else int(p[5:]) if p.startswith("last:") else len(p.split(","))
-
-
-def anchors(params: Params) -> list[dict[str, Any]]:
-    """The smallest and the largest configuration of each adapter type in the space (every knob at
-    its cheapest or dearest end), so the front's two ends are measured, not left to chance."""
-    sp = params.sweep.space
-    lr = sp.lr.low * (sp.lr.high / sp.lr.low) ** 0.5 if sp.lr.log else (sp.lr.low + sp.lr.high) / 2
-    ends = {
-        "groups": (max(sp.groups), min(sp.groups)),
-        "reduction": (max(sp.reduction), min(sp.reduction)),
-        "placement": (min(sp.placement, key=_placement_size), max(sp.placement, key=_placement_size)),
-        "bits": (min(sp.bits, key=storage_bits), max(sp.bits, key=storage_bits)),
-        "prune_amount": (max(sp.prune_amount), min(sp.prune_amount)),
-        "task_bn": (min(sp.task_bn), max(sp.task_bn)),
-        "head_bits": (min(sp.head_bits), max(sp.head_bits)),
-    }
-    return [{"method": m, **{k: v[end] for k, v in ends.items()}, "lr": lr} for m in sp.method for end in (0, 1)]
-
-
-def suggest(trial: optuna.trial.BaseTrial, params: Params, target: str, seed: int,
-            max_epochs: Optional[int] = None) -> RunSpec:
-    """The trial's run: its sampled knobs (in a fixed order: the samplers' streams depend on it)
-    on top of the adapter section; `max_epochs` caps a trial below the arms' budget."""
-    sp = params.sweep.space
-    values = {"method": trial.suggest_categorical("method", sp.method)}
-    for knob in ("groups", "reduction", "placement", "task_bn", "bits", "prune_amount", "head_bits"):
-        values[knob] = trial.suggest_categorical(knob, getattr(sp, knob))
-    values["lr"] = trial.suggest_float("lr", sp.lr.low, sp.lr.high, log=sp.lr.log)
-    return from_trial(params, target, values, seed, max_epochs)
 
 
 # ------------------------------------------------------------------------------ liveness
@@ -207,12 +172,6 @@ def fail_stale_trials(study: optuna.Study, storage, stale_after_s: float) -> lis
 # ------------------------------------------------------------------------------ workers
 
 
-def _counts(study: optuna.Study) -> tuple[int, int]:
-    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-    complete = sum(t.state == TrialState.COMPLETE for t in trials)
-    return complete, len(trials) - complete
-
-
 def one_device(params: Params) -> Params:
     """Sweep runs are many and short: one device each, no progress bars (sweeps scale out by
     workers, not by DDP)."""
@@ -221,15 +180,88 @@ def one_device(params: Params) -> Params:
                                            devices=t.devices[:1] if isinstance(t.devices, list) else 1))
 
 
-def run_trial(params: Params, trial: optuna.trial.BaseTrial, target: str, name: str, folder: Path,
+LOST = ("stale:", "lost:")  # fail reasons of an attempt that never finished its proposal
+
+
+def _lost(t: FrozenTrial) -> bool:
+    return t.state == TrialState.FAIL and str(t.user_attrs.get("fail_reason", "")).startswith(LOST)
+
+
+def proposals(study: optuna.Study) -> dict[int, FrozenTrial]:
+    """Each proposal's attempt that holds it: the lowest-numbered one not lost."""
+    held: dict[int, FrozenTrial] = {}
+    for t in study.get_trials(deepcopy=False):
+        q = t.user_attrs.get("proposal")
+        if q is not None and q not in held and not _lost(t):
+            held[q] = t
+    return held
+
+
+def counted(held: dict[int, FrozenTrial], n_trials: int) -> list[FrozenTrial]:
+    """The study's proposals in order: 0.. up to the n_trials-th COMPLETE one, or up to the first
+    proposal not held yet. Attempts beyond (started while an earlier one could still fail) do not
+    count: which of them ran depends on timing."""
+    out, complete = [], 0
+    for q in itertools.count():
+        if q not in held or complete >= n_trials:
+            return out
+        out.append(held[q])
+        complete += held[q].state == TrialState.COMPLETE
+
+
+def next_proposal(params: Params, held: dict[int, FrozenTrial]) -> tuple[bool, Optional[int]]:
+    """(done, q): done once n_trials proposals are COMPLETE; else q, the lowest proposal no attempt
+    holds, if it may still be needed and the results it is proposed from are in (None: wait)."""
+    trials = counted(held, params.sweep.n_trials)
+    states = [t.state for t in trials]
+    complete, running = states.count(TrialState.COMPLETE), states.count(TrialState.RUNNING)
+    if complete >= params.sweep.n_trials:
+        return running == 0, None  # (a RUNNING one before the last COMPLETE: a race between machines)
+    q = len(trials)
+    if complete + running >= params.sweep.n_trials or TrialState.RUNNING in states[:needs(params, q)]:
+        return False, None  # the quota is in flight (one may fail), or proposal q must wait for results
+    return False, q
+
+
+def _earlier(trials: list[FrozenTrial]) -> list[Earlier]:
+    return [Earlier(t.params, t.state.is_finished(), tuple(t.values) if t.state == TrialState.COMPLETE else None)
+            for t in trials]
+
+
+def start_attempt(params: Params, study: optuna.Study, target: str, q: int) -> Optional[FrozenTrial]:
+    """Record an attempt at proposal q and return it, RUNNING (or FAIL when the proposal repeats an
+    earlier configuration: not trained twice); None when another worker's attempt holds q."""
+    held = proposals(study)
+    if any(i not in held for i in range(q)):
+        return None  # an earlier attempt was failed as stale meanwhile: that proposal comes first
+    values, repeats = propose(params, target, q, _earlier([held[i] for i in range(q)]))
+    attrs = {"proposal": q, "anchor": params.sweep.anchors and q < len(anchors(params))}
+    state = TrialState.RUNNING
+    if repeats is not None:
+        attrs["fail_reason"], state = f"duplicate: proposal {repeats}'s configuration, not trained twice", TrialState.FAIL
+    storage = study._storage
+    trial_id = storage.create_new_trial(
+        storage.get_study_id_from_name(study.study_name),
+        template_trial=create_trial(state=state, params=values, distributions=distributions(params.sweep.space),
+                                    user_attrs=attrs))
+    holder = proposals(study)[q]
+    if holder._trial_id == trial_id:
+        return holder
+    if state == TrialState.RUNNING:  # a duplicate FAIL attempt is simply not the holder
+        storage.set_trial_user_attr(trial_id, "fail_reason", f"lost: proposal {q} is held by trial {holder.number}")
+        storage.set_trial_state_values(trial_id, TrialState.FAIL)
+    return None
+
+
+def run_trial(params: Params, q: int, values: dict[str, Any], target: str, name: str, folder: Path,
               parent: Optional[str], base_bytes: float) -> dict[str, Any]:
-    """One trial on the first seed (val only): the user attrs it records, or its `fail_reason`."""
-    s, stem = params.sweep, f"trial_{trial.number:04d}"
+    """Proposal q on the first seed (val only): the user attrs it records, or its `fail_reason`."""
+    s, stem = params.sweep, f"trial_{q:04d}"
     try:
-        spec = suggest(trial, params, target, params.seeds[0], s.max_epochs)
-        tracking = Tracking(f"sweep-{target}-trial{trial.number}",
+        spec = from_trial(params, target, values, params.seeds[0], s.max_epochs)
+        tracking = Tracking(f"sweep-{target}-trial{q}",
                             run_tags("sweep_trial", target=target, method=spec.method, precision="binary", study=name),
-                            parent, {"trial_number": trial.number, "study": name})
+                            parent, {"trial_number": q, "study": name})
         row = transfer.run(params, spec, tracking, out=folder / "trials", stem=stem, base_bytes=base_bytes,
                            test=False).row
     except (UserError, TrainingDiverged, RuntimeError, ValueError) as exc:  # invalid combination, diverged
@@ -240,58 +272,69 @@ def run_trial(params: Params, trial: optuna.trial.BaseTrial, target: str, name: 
     return {**result, "adapter": str(folder / "trials" / f"{stem}.safetensors")}
 
 
+def _finish(study: optuna.Study, attempt: FrozenTrial, result: dict[str, Any]) -> None:
+    """Record an attempt's result, unless another worker failed it as stale meanwhile (a late
+    heartbeat): then its proposal is retried as itself, and this result is discarded."""
+    storage = study._storage
+    try:
+        if storage.get_trial(attempt._trial_id).state != TrialState.RUNNING:
+            raise optuna.exceptions.UpdateFinishedTrialError("failed meanwhile")
+        for key, value in result.items():
+            storage.set_trial_user_attr(attempt._trial_id, key, value)
+        if "fail_reason" in result:
+            study.tell(attempt.number, state=TrialState.FAIL)
+        else:
+            study.tell(attempt.number, [result["val_acc"], result["task_memory_bytes"]])
+    except optuna.exceptions.UpdateFinishedTrialError:
+        print(f"trial {attempt.user_attrs['proposal']}: marked failed by another worker meanwhile; result discarded")
+
+
+# Test-only: "<worker>:<seconds>" delays that worker before each trial, so the tests can perturb
+# the workers' timing and check that the trials do not depend on it.
+DELAY_ENV = "PIPELINE_TEST_SWEEP_DELAY"
+
+
+def _test_delay(worker: int) -> float:
+    w, _, seconds = os.environ.get(DELAY_ENV, "").partition(":")
+    return float(seconds) if w and int(w) == worker else 0.0
+
+
 def run_worker(params: Params, target: str, name: str, storage_url: Optional[str], folder: Path,
-               worker: int, parent_run_id: Optional[str], poll_s: float = 1.0) -> int:
-    """Run trials until the study holds `n_trials` COMPLETE trials. Returns trials run here."""
+               worker: int, parent_run_id: Optional[str], poll_s: float = 0.25) -> int:
+    """Run proposals until the study holds `n_trials` COMPLETE ones. Returns trials run here.
+    `poll_s`: how often a waiting worker rereads the study (a 1 s poll idled the workers of a
+    tiny sweep, 2 s trials, for 13% of its trial phase)."""
     storage = open_storage(storage_url, folder)
-    existing = len(optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False))
-    study = optuna.load_study(study_name=name, storage=storage, sampler=make_sampler(params, worker, existing))
-    n, s = params.sweep.n_trials, params.sweep
-    params = one_device(params)
+    study = optuna.load_study(study_name=name, storage=storage)
+    s, params = params.sweep, one_device(params)
     base_bytes = transfer.base_memory_bytes()
     ran, failed_in_a_row = 0, 0
     while True:
         fail_stale_trials(study, storage, s.stale_after_s)
-        complete, running = _counts(study)
-        if complete >= n:
+        done, q = next_proposal(params, proposals(study))
+        if done:
             return ran
-        if complete + running >= n:  # the quota is in flight; wait in case one of them fails
-            time.sleep(poll_s)
+        attempt = None if q is None else start_attempt(params, study, target, q)
+        if attempt is None:
+            time.sleep(poll_s if q is None else 0.0)
             continue
-        trial = study.ask()
-        ahead = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-                 if t.number < trial.number]
-        if len(ahead) >= n:  # another worker took the last slot first
-            storage.set_trial_user_attr(trial._trial_id, "fail_reason", "surplus: quota already taken by lower-numbered trials")
-            study.tell(trial, state=TrialState.FAIL)
-            continue
-        beat = Heartbeat(storage, trial._trial_id, interval=max(1.0, s.stale_after_s / 4))
-        # Read per trial, so trials nest under the parent the study records even if it changed.
-        parent = study.user_attrs.get(PARENT_RUN_ATTR, parent_run_id)
-        try:
-            result = run_trial(params, trial, target, name, folder, parent, base_bytes)
-        finally:
-            beat.stop()
-        ran += 1
-        try:
-            if storage.get_trial(trial._trial_id).state != TrialState.RUNNING:
-                raise optuna.exceptions.UpdateFinishedTrialError("failed meanwhile")
-            for key, value in result.items():
-                storage.set_trial_user_attr(trial._trial_id, key, value)
-            if "fail_reason" in result:
-                study.tell(trial, state=TrialState.FAIL)
-                print(f"trial {trial.number} failed: {result['fail_reason']}")
-                failed_in_a_row += 1
-                if failed_in_a_row >= s.max_failures_in_a_row:
-                    raise UserError(f"sweep: {failed_in_a_row} trials failed in a row (sweep.max_failures_in_a_row); "
-                                    f"last reason: {result['fail_reason']}")
-            else:
-                failed_in_a_row = 0
-                study.tell(trial, [result["val_acc"], result["task_memory_bytes"]])
-        except optuna.exceptions.UpdateFinishedTrialError:
-            # Another worker judged this trial stale (late heartbeat) and failed it; it counts as
-            # failed, and the quota loop runs a replacement.
-            print(f"trial {trial.number}: marked failed by another worker meanwhile; its result is discarded")
+        if attempt.state == TrialState.RUNNING:
+            time.sleep(_test_delay(worker))
+            beat = Heartbeat(storage, attempt._trial_id, interval=max(1.0, s.stale_after_s / 4))
+            try:  # the parent is read per trial, so trials nest under the one the study records
+                result = run_trial(params, q, attempt.params, target, name, folder,
+                                   study.user_attrs.get(PARENT_RUN_ATTR, parent_run_id), base_bytes)
+            finally:
+                beat.stop()
+            ran += 1
+            _finish(study, attempt, result)
+        reason = attempt.user_attrs.get("fail_reason") if attempt.state == TrialState.FAIL else result.get("fail_reason")
+        failed_in_a_row = failed_in_a_row + 1 if reason else 0
+        if reason:
+            print(f"trial {q} failed: {reason}")
+        if failed_in_a_row >= s.max_failures_in_a_row:
+            raise UserError(f"sweep: {failed_in_a_row} trials failed in a row (sweep.max_failures_in_a_row); "
+                            f"last reason: {reason}")
 
 
 def _spawned_worker(params, target, name, storage_url, folder, worker, parent_run_id) -> None:
@@ -339,15 +382,20 @@ def create_study(params: Params, target: str, name: str, storage_url: Optional[s
     if created:
         study.set_user_attr("target", target)
         study.set_user_attr("space", json.loads(json.dumps(asdict(params.sweep.space))))
-        for config in anchors(params) if params.sweep.anchors else []:
-            study.enqueue_trial(config, user_attrs={"anchor": True}, skip_if_exists=True)
     return study, created
 
 
-def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
+def front(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """The non-dominated COMPLETE trials on (val accuracy, task memory), by memory then number."""
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    keep = pareto_mask([(t.values[0], t.values[1]) for t in done])
+    return sorted((t for t, k in zip(done, keep) if k), key=lambda t: (t.values[1], t.user_attrs["proposal"]))
+
+
+def trial_rows(trials: list[FrozenTrial]) -> list[dict[str, Any]]:
     rows = []
-    for t in study.get_trials(deepcopy=False):
-        row = {"number": t.number, "state": t.state.name,
+    for t in trials:
+        row = {"number": t.user_attrs["proposal"], "state": t.state.name,
                "val_acc": t.values[0] if t.values else None,
                "task_memory_bytes": t.values[1] if t.values else None}
         row.update({k: v for k, v in t.params.items()})
@@ -360,13 +408,14 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
     return rows
 
 
-def pareto_points(study: optuna.Study, runs: pd.DataFrame) -> pd.DataFrame:
+def pareto_points(points: list[FrozenTrial], runs: pd.DataFrame) -> pd.DataFrame:
     """One row per Pareto trial: its params, the trial's own val accuracy, and mean ± 95% interval
     over the retrained seeds of val and test accuracy, memory and training time."""
     rows = []
-    for t in sorted(study.best_trials, key=lambda t: (t.values[1], t.number)):
-        r = runs[runs.number == t.number]
-        row = {"number": t.number, **t.params, "trial_val_acc": t.values[0], "seeds": len(r)}
+    for t in points:
+        q = t.user_attrs["proposal"]
+        r = runs[runs.number == q]
+        row = {"number": q, **t.params, "trial_val_acc": t.values[0], "seeds": len(r)}
         for key in ("val_acc", "test_acc", "task_memory_bytes", "memory_ratio", "train_time_s", "epochs_run",
                     *BREAKDOWN_COLUMNS):
             row[key], row[f"{key}_ci"] = mean_ci(r[key])
@@ -377,15 +426,14 @@ def pareto_points(study: optuna.Study, runs: pd.DataFrame) -> pd.DataFrame:
                                                          "test_acc_ci", "task_memory_bytes", "memory_ratio", "memory_pct"])
 
 
-def retrain_pareto(params: Params, study: optuna.Study, target: str, folder: Path, parent: str,
+def retrain_pareto(params: Params, points: list[FrozenTrial], target: str, folder: Path, parent: str,
                    name: str) -> pd.DataFrame:
-    """The non-dominated COMPLETE trials (on val), each retrained on every seed at the arms' budget
-    (transfer.optim, the trial's lr), `sweep.workers` runs side by side: one row per (trial, seed),
-    the same columns as results.csv."""
+    """The Pareto trials, each retrained on every seed at the arms' budget (transfer.optim, the
+    trial's lr), `sweep.workers` runs side by side: one row per (trial, seed), the same columns as
+    results.csv."""
     params = one_device(params)
-    points = [(t.number, suggest(optuna.trial.FixedTrial(t.params), params, target, params.seeds[0]))
-              for t in sorted(study.best_trials, key=lambda t: (t.values[1], t.number))]
-    rows = protocol.retrain(params, points, folder / "pareto", {"parent_run_id": parent, "study": name},
+    specs = [(t.user_attrs["proposal"], from_trial(params, target, t.params, params.seeds[0])) for t in points]
+    rows = protocol.retrain(params, specs, folder / "pareto", {"parent_run_id": parent, "study": name},
                             params.sweep.workers)
     return pd.DataFrame(rows)
 
@@ -394,11 +442,13 @@ def summarise(params: Params, study: optuna.Study, target: str, folder: Path, pa
     """trials.csv, the Pareto points retrained (pareto_runs.csv) and summarised (pareto.csv), the
     sweep's metrics file and its MLflow parent run's metrics and files."""
     s, name = params.sweep, study.study_name
-    trials = pd.DataFrame(trial_rows(study))
+    counted_trials = counted(proposals(study), s.n_trials)
+    points = front(counted_trials)
+    trials = pd.DataFrame(trial_rows(counted_trials))
     trials.to_csv(folder / "trials.csv", index=False)
-    runs = retrain_pareto(params, study, target, folder, parent, name)
+    runs = retrain_pareto(params, points, target, folder, parent, name)
     runs.to_csv(folder / "pareto_runs.csv", index=False)
-    pareto = pareto_points(study, runs)
+    pareto = pareto_points(points, runs)
     pareto.to_csv(folder / "pareto.csv", index=False)
     hv = {split: hypervolume(list(zip(pareto[f"{split}_acc"], pareto.memory_pct)), s.reference_accuracy,
                              s.reference_memory_pct) if len(pareto) else 0.0 for split in ("val", "test")}
@@ -407,7 +457,8 @@ def summarise(params: Params, study: optuna.Study, target: str, folder: Path, pa
     metrics = {
         "study": name,
         "complete": int(states.get("COMPLETE", 0)),
-        "failed": int(states.get("FAIL", 0)),
+        "failed": int(states.get("FAIL", 0)),  # duplicates included: proposals not trained twice
+        "duplicates": int(trials.fail_reason.astype(str).str.startswith("duplicate").sum()) if len(trials) else 0,
         "pareto_size": len(pareto),
         "seeds": len(params.seeds),
         "hypervolume": round(hv["val"], 4),   # the number to compare sweeps by: val, never test
