@@ -21,8 +21,19 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PY) -m pip install -q -c $(LOCK) -e '.[dev]' $(TORCH)
 	touch $@
 
-install: $(VENV)/.installed
-install-dev: $(VENV)/.installed-dev
+# Fashion-MNIST from Debian's archive (dataset-fashion-mnist: 70,000 images, read where it installs
+# them, offline afterwards), where apt is available and this runs as root; elsewhere preparing a
+# fashion_mnist dataset names the package in one line.
+FASHION := /usr/share/datasets/fashion-mnist
+$(FASHION):
+	@if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 \
+	   || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null)) \
+	  || echo "warning: could not install dataset-fashion-mnist; fashion_mnist datasets will not prepare"; \
+	else echo "note: dataset-fashion-mnist needs apt as root; install it to prepare fashion_mnist datasets"; fi
+
+install: $(VENV)/.installed | $(FASHION)
+install-dev: $(VENV)/.installed-dev | $(FASHION)
 
 repro: install
 	dvc repro

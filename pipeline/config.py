@@ -39,14 +39,30 @@ def _range(**bounds: float) -> dict:
 
 @dataclass(frozen=True)
 class Split:
-    train: float = field(metadata=_range(gt=0, lt=1))
-    val: float = field(metadata=_range(gt=0, lt=1))
-    test: float = field(metadata=_range(gt=0, lt=1))
+    """Fractions of the images (0 < f < 1, summing to 1), or counts per class: `train: 200,
+    val: 100, test: all` (test `all`: every image left, or every official test image). A source
+    with an official test split (pipeline.data.registry) keeps it as its test split, so it takes
+    counts: train and val are drawn from its training images, test from its test images."""
+
+    train: Union[int, float]
+    val: Union[int, float]
+    test: Union[int, float, Literal["all"]]
+
+    @property
+    def counts(self) -> bool:
+        return isinstance(self.train, int)
 
     def check(self, path: str) -> None:
-        total = self.train + self.val + self.test
-        if not math.isclose(total, 1.0, abs_tol=1e-6):
-            raise ParamsError(f"{path}: train + val + test = {total:g}; they must sum to 1")
+        sizes = {"train": self.train, "val": self.val, "test": self.test}
+        allowed = "allowed: fractions 0 < f < 1 summing to 1, or counts per class >= 1 (test may be 'all')"
+        for k, v in sizes.items():  # train's kind (fraction or count) sets the others'
+            if self.counts and not (isinstance(v, int) and v >= 1 or k == "test" and v == "all"):
+                raise ParamsError(f"{path}.{k}: {v!r} is not a count per class >= 1 like train's {self.train}; {allowed}")
+            if not self.counts and not (isinstance(v, float) and 0 < v < 1):
+                raise ParamsError(f"{path}.{k}: {v!r} is not a fraction 0 < f < 1 like train's {self.train}; {allowed}")
+        total = sum(sizes.values()) if not self.counts else 1.0
+        if abs(total - 1.0) > 1e-6:
+            raise ParamsError(f"{path}: fractions sum to {total:g}; allowed: train, val and test that sum to 1")
 
 
 @dataclass(frozen=True)
@@ -59,7 +75,8 @@ class DatasetSpec:
     # Optional per dataset, so params.yaml writes them only where they apply:
     classes: Optional[list[int]] = None  # None: every class of the source
     path: Optional[str] = None  # only for `npz`: the user's file
-    max_per_class: Optional[int] = field(default=None, metadata=_range(ge=1))  # None: no cap
+    max_per_class: Optional[int] = field(default=None, metadata=_range(ge=1))  # None: no cap (training images)
+    split: Optional[Split] = None  # None: data.split
 
     def check(self, path: str) -> None:
         if self.source == "npz" and not self.path:

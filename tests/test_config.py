@@ -153,7 +153,7 @@ def test_cli_bad_params_one_line_exit_2(tmp_path, base):
 MISSING_CASES = [
     ("seeds", "a list of an integer"),
     ("model", "a mapping with keys name, width"),
-    ("data.split.val", "a number"),
+    ("data.split.val", "an integer or a number"),  # a count per class or a fraction
     ("data.datasets.mnist_0to4.source", "a string"),
     ("adapter.prune.rounds", "an integer"),
     ("pretrain.optim.lr", "a number"),
@@ -200,6 +200,7 @@ def test_params_yaml_is_the_only_source_of_values(base):
     assert not written, f"defaults for keys params.yaml holds: {written}"
     optional = {k if not per_entry(k) else "data.datasets.*." + k.rsplit(".", 1)[1] for k, f, v in fields if has_default(f)}
     assert optional == {"data.datasets.*.classes", "data.datasets.*.path", "data.datasets.*.max_per_class",
+                        "data.datasets.*.split",
                         "pretrain.optim.step_size", "pretrain.optim.gamma",
                         "transfer.optim.step_size", "transfer.optim.gamma"}
 

