@@ -228,7 +228,7 @@ def _earlier(trials: list[FrozenTrial]) -> list[Earlier]:
             for t in trials]
 
 
-def start_attempt(params: Params, study: optuna.Study, target: str, q: int) -> Optional[FrozenTrial]:
+def start_attempt(params: Params, study: optuna.Study, storage, target: str, q: int) -> Optional[FrozenTrial]:
     """Record an attempt at proposal q and return it, RUNNING (or FAIL when the proposal repeats an
     earlier configuration: not trained twice); None when another worker's attempt holds q."""
     held = proposals(study)
@@ -239,7 +239,6 @@ def start_attempt(params: Params, study: optuna.Study, target: str, q: int) -> O
     state = TrialState.RUNNING
     if repeats is not None:
         attrs["fail_reason"], state = f"duplicate: proposal {repeats}'s configuration, not trained twice", TrialState.FAIL
-    storage = study._storage
     trial_id = storage.create_new_trial(
         storage.get_study_id_from_name(study.study_name),
         template_trial=create_trial(state=state, params=values, distributions=distributions(params.sweep.space),
@@ -272,10 +271,9 @@ def run_trial(params: Params, q: int, values: dict[str, Any], target: str, name:
     return {**result, "adapter": str(folder / "trials" / f"{stem}.safetensors")}
 
 
-def _finish(study: optuna.Study, attempt: FrozenTrial, result: dict[str, Any]) -> None:
+def _finish(study: optuna.Study, storage, attempt: FrozenTrial, result: dict[str, Any]) -> None:
     """Record an attempt's result, unless another worker failed it as stale meanwhile (a late
     heartbeat): then its proposal is retried as itself, and this result is discarded."""
-    storage = study._storage
     try:
         if storage.get_trial(attempt._trial_id).state != TrialState.RUNNING:
             raise optuna.exceptions.UpdateFinishedTrialError("failed meanwhile")
@@ -314,7 +312,7 @@ def run_worker(params: Params, target: str, name: str, storage_url: Optional[str
         done, q = next_proposal(params, proposals(study))
         if done:
             return ran
-        attempt = None if q is None else start_attempt(params, study, target, q)
+        attempt = None if q is None else start_attempt(params, study, storage, target, q)
         if attempt is None:
             time.sleep(poll_s if q is None else 0.0)
             continue
@@ -327,7 +325,7 @@ def run_worker(params: Params, target: str, name: str, storage_url: Optional[str
             finally:
                 beat.stop()
             ran += 1
-            _finish(study, attempt, result)
+            _finish(study, storage, attempt, result)
         reason = attempt.user_attrs.get("fail_reason") if attempt.state == TrialState.FAIL else result.get("fail_reason")
         failed_in_a_row = failed_in_a_row + 1 if reason else 0
         if reason:
