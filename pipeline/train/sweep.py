@@ -228,12 +228,11 @@ def _earlier(trials: list[FrozenTrial]) -> list[Earlier]:
             for t in trials]
 
 
-def start_attempt(params: Params, study: optuna.Study, storage, target: str, q: int) -> Optional[FrozenTrial]:
-    """Record an attempt at proposal q and return it, RUNNING (or FAIL when the proposal repeats an
-    earlier configuration: not trained twice); None when another worker's attempt holds q."""
-    held = proposals(study)
-    if any(i not in held for i in range(q)):
-        return None  # an earlier attempt was failed as stale meanwhile: that proposal comes first
+def start_attempt(params: Params, study: optuna.Study, storage, target: str, q: int,
+                  held: dict[int, FrozenTrial]) -> Optional[FrozenTrial]:
+    """Record an attempt at proposal q, made from `held` (the snapshot next_proposal chose q in,
+    which holds 0..q-1), and return it, RUNNING (or FAIL when the proposal repeats an earlier
+    configuration: not trained twice); None when another worker's attempt holds q."""
     values, repeats = propose(params, target, q, _earlier([held[i] for i in range(q)]))
     attrs = {"proposal": q, "anchor": params.sweep.anchors and q < len(anchors(params))}
     state = TrialState.RUNNING
@@ -309,10 +308,11 @@ def run_worker(params: Params, target: str, name: str, storage_url: Optional[str
     ran, failed_in_a_row = 0, 0
     while True:
         fail_stale_trials(study, storage, s.stale_after_s)
-        done, q = next_proposal(params, proposals(study))
+        held = proposals(study)
+        done, q = next_proposal(params, held)
         if done:
             return ran
-        attempt = None if q is None else start_attempt(params, study, storage, target, q)
+        attempt = None if q is None else start_attempt(params, study, storage, target, q, held)
         if attempt is None:
             time.sleep(poll_s if q is None else 0.0)
             continue
