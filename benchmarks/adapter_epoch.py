@@ -2,7 +2,7 @@
 through the same training path (training seconds only, median over epochs). Needs the base and
 the prepared target (`dvc repro pretrain`).
 
-    python benchmarks/adapter_epoch.py [--target mnist_5to9] [--epochs 4]
+    python benchmarks/adapter_epoch.py [--target fashion_5to9] [--epochs 4]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pipeline.train.trainer import make_trainer, seed_everything
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--target", default="mnist_5to9")
+    ap.add_argument("--target", default="fashion_5to9")
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--methods", nargs="+", default=["full", "head", "serial", "parallel"])
     args = ap.parse_args()

@@ -4,7 +4,7 @@ function, and as the packed file's payload; and test accuracy, mean ± 95% inter
 default seeds, at the lr the default run chose for `parallel` on the target. Needs the default
 run's base, prepared target and transfer metrics (`dvc repro`).
 
-    python benchmarks/bits_table.py [--target mnist_5to9] [--bits 1 2 4 8 ternary]
+    python benchmarks/bits_table.py [--target fashion_5to9] [--bits 1 2 4 8 ternary]
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def by_hand(bits, bn_bits: int, head_bits: int, classes: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--target", default="mnist_5to9")
+    ap.add_argument("--target", default="fashion_5to9")
     ap.add_argument("--bits", nargs="+", default=["1", "2", "4", "8"])
     args = ap.parse_args()
     quiet()

@@ -3,7 +3,7 @@ inference of the same network (both built from the same packed files), in images
 and batch 256, median over repeats; predictions compared on every timed image. Needs the default
 run's packed base and task state.
 
-    python benchmarks/packed_inference.py [--task models/mnist_5to9/parallel/adapter.bnnpack] [--repeats 5]
+    python benchmarks/packed_inference.py [--task models/fashion_5to9/parallel/adapter.bnnpack] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def images_per_s(fn, batches: list, repeats: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--task", default=str(task_dir("mnist_5to9", "parallel") / "adapter.bnnpack"))
+    ap.add_argument("--task", default=str(task_dir("fashion_5to9", "parallel") / "adapter.bnnpack"))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--single", type=int, default=200, help="images timed one at a time")
     args = ap.parse_args()

@@ -2,7 +2,7 @@
 one after another with all threads? Times plain training epochs of one full finetune on a target
 both ways and prints the throughput ratio. Needs `dvc repro prepare` first.
 
-    python benchmarks/side_by_side.py [--target mnist_5to9] [--precision binary] [--epochs 3]
+    python benchmarks/side_by_side.py [--target fashion_5to9] [--precision binary] [--epochs 3]
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def epochs(threads: int, target: str, precision: str, n: int) -> list[float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--target", default="mnist_5to9")
+    ap.add_argument("--target", default="fashion_5to9")
     ap.add_argument("--precision", default="binary", choices=["binary", "fp32"])
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)  # a child process

@@ -112,7 +112,7 @@ class Model:
 @dataclass(frozen=True)
 class Optim:
     """How one stage trains, without the lr (`transfer.optim`: each arm's lr comes from
-    transfer.lr_grid). The training rule of every arm: up to `max_epochs`, early stopping on val
+    transfer.lr_search). The training rule of every arm: up to `max_epochs`, early stopping on val
     accuracy after `patience` epochs without a gain above `min_delta`, the best-val weights
     restored."""
 
@@ -198,6 +198,40 @@ def check_placement(p: Union[str, list[int]], key: str) -> None:
 
 
 @dataclass(frozen=True)
+class LrSearch:
+    """Each arm's lr, chosen on val with the selection seed: the `start` values (about `step`
+    apart), then one `step` past whichever end wins, until the winner is interior or the next
+    step would leave [low, high]. A run whose val accuracy trails the median of the finished runs
+    at the same epoch stops after `prune_warmup` epochs (Optuna's MedianPruner)."""
+
+    start: list[float]
+    step: float = field(metadata=_range(gt=1))
+    low: float = field(metadata=_range(gt=0, le=10))
+    high: float = field(metadata=_range(gt=0, le=10))
+    prune_warmup: int = field(metadata=_range(ge=0))
+
+    @property
+    def fixed(self) -> bool:
+        """One start value with low = high = it: that lr, no search run."""
+        return len(self.start) == 1 and self.low == self.high == self.start[0]
+
+    def check(self, path: str) -> None:
+        s = sorted(self.start)
+        if self.fixed:
+            return
+        if len(s) < 2 or len(set(s)) != len(s):
+            raise ParamsError(f"{path}.start: {self.start}; allowed: at least 2 different learning rates, or one "
+                              f"with low = high = it (a fixed lr)")
+        ratios = [b / a for a, b in zip(s, s[1:])]
+        if any(not self.step / 1.25 <= r <= self.step * 1.25 for r in ratios):
+            raise ParamsError(f"{path}.start: {self.start} is not log-spaced by step {self.step:g} (ratios "
+                              f"{', '.join(f'{r:.3g}' for r in ratios)}); allowed: neighbours step apart, within 25%")
+        if not self.low <= s[0] <= s[-1] <= self.high:
+            raise ParamsError(f"{path}: start {self.start} leaves [low {self.low:g}, high {self.high:g}]; "
+                              f"allowed: low <= every start value <= high")
+
+
+@dataclass(frozen=True)
 class Transfer:
     targets: list[str]
     # Two lists, two DVC stages: a change to the adapter section reruns only the adapter methods.
@@ -205,17 +239,16 @@ class Transfer:
     adapters: list[Literal["serial", "parallel"]]
     # Every method that trains a new head (head, serial, parallel) stores it at these bits.
     head_bits: Literal[32, 8, 4, 2]
-    # Each method's lr is chosen on val from this grid (first seed); the other seeds repeat it.
-    lr_grid: list[float]
-    optim: Optim  # no lr: it comes from lr_grid
+    lr_search: LrSearch
+    # The reported seeds of an arm run this many side by side, one thread each.
+    workers: int = field(metadata=_range(ge=1, le=64))
+    optim: Optim  # no lr: it comes from lr_search
 
     def check(self, path: str) -> None:
-        for key in ("targets", "baselines", "adapters", "lr_grid"):
+        for key in ("targets", "baselines", "adapters"):
             values = getattr(self, key)
             if len(set(values)) != len(values):  # DVC would define the same stage twice
                 raise ParamsError(f"{path}.{key}: {values} repeats an entry; list each once")
-        if not self.lr_grid or any(not 0 < lr <= 10 for lr in self.lr_grid):
-            raise ParamsError(f"{path}.lr_grid: {self.lr_grid}; allowed: a non-empty list of learning rates in (0, 10]")
 
 
 @dataclass(frozen=True)
@@ -275,6 +308,9 @@ class Sweep:
     # Trials follow the training rule with transfer.optim, capped at these epochs; the Pareto
     # points are then retrained on every seed at transfer.optim's own budget.
     max_epochs: int = field(metadata=_range(ge=1))
+    # Retrained on the reported seeds: the trials' Pareto set below the base's size, then the next
+    # non-dominated layers until at least this many.
+    min_retrain: int = field(metadata=_range(ge=1))
     stale_after_s: int = field(metadata=_range(ge=1))  # RUNNING trial without heartbeat
     max_failures_in_a_row: int = field(metadata=_range(ge=1))  # then stop: something is wrong beyond one trial
     reference_accuracy: float = field(metadata=_range(ge=0, le=1))  # hypervolume reference point
@@ -315,6 +351,7 @@ class Tracking:
 @dataclass(frozen=True)
 class Params:
     seeds: list[int]
+    selection_seed: int  # every choice (lr searches, sweep trials) trains on it, never a reported seed
     data: Data
     model: Model
     trainer: Trainer
@@ -341,6 +378,9 @@ class Params:
                 raise ParamsError(f"seeds[{i}]: {seed} is out of range; allowed: 0 <= seed < 2**32")
         if len(set(self.seeds)) != len(self.seeds):
             raise ParamsError(f"seeds: {self.seeds} repeats a seed")
+        if self.selection_seed in self.seeds or not 0 <= self.selection_seed < 2**32:
+            raise ParamsError(f"selection_seed: {self.selection_seed}; allowed: 0 <= seed < 2**32 and not one of "
+                              f"seeds {self.seeds} (a reported seed never takes part in a choice)")
         self.dataset(self.pretrain.source, "pretrain.source", "dataset")
         for i, t in enumerate(self.transfer.targets):
             self.dataset(t, f"transfer.targets[{i}]")

@@ -12,6 +12,7 @@ REPORTS = Path("reports")
 METRICS_DIR = REPORTS / "metrics"
 RESULTS_DIR = REPORTS / "results"     # one rows file per transfer arm
 RESULTS_CSV = REPORTS / "results.csv"
+PREDICTIONS_DIR = REPORTS / "predictions"  # <target>.npz: every arm's per-image predictions
 SWEEP_DIR = REPORTS / "sweep"
 PLOTS_DIR = REPORTS / "plots"
 

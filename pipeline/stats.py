@@ -1,5 +1,7 @@
 """Intervals: means over seeds with a 95% Student t interval, and (crossed_ci, paired_ci) means
-over seeds x test images whose interval counts both seed-to-seed and test-image variation."""
+over seeds x test images whose interval counts both seed-to-seed and test-image variation. Two
+arms are compared by paired_ci, never by whether two separate intervals overlap (a test with
+almost no power at a few seeds)."""
 
 from __future__ import annotations
 
@@ -21,14 +23,6 @@ def mean_ci(values: Iterable[float], level: float = 0.95) -> tuple[float, float]
         return mean, float("nan")
     sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
     return mean, float(student_t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
-
-
-def distinguishable(a: tuple[float, float], b: tuple[float, float]) -> bool:
-    """Two (mean, half-width) intervals that do not overlap. Unknown widths never separate."""
-    (ma, ha), (mb, hb) = a, b
-    if math.isnan(ha) or math.isnan(hb):
-        return False
-    return abs(ma - mb) > ha + hb
 
 
 def crossed_ci(x, level: float = 0.95) -> tuple[float, float, float]:

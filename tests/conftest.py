@@ -35,15 +35,19 @@ def tiny_params(**overrides) -> dict:
         "mnist_5to9": {"source": "mnist5k", "classes": [5, 6, 7, 8, 9], "max_per_class": 40},
         "uci_digits": {"source": "uci_digits", "max_per_class": 40},
     }
+    p["data"]["split"] = {"train": 0.7, "val": 0.15, "test": 0.15}
+    p["pretrain"]["source"] = "mnist_0to4"
     p["data"]["input_size"] = 16
     p["model"]["width"] = 4
     p["trainer"]["progress_bar"] = False
     p["trainer"]["threads"] = 1
     p["pretrain"]["optim"]["max_epochs"] = 2
     p["transfer"]["optim"]["max_epochs"] = 2
-    p["seeds"] = [0]                    # one run per arm; BUILT_PARAMS exercises seeds and the lr grid
-    p["transfer"]["lr_grid"] = [0.005]
+    p["seeds"] = [0]                    # one run per arm; BUILT_PARAMS exercises seeds and the lr search
+    p["transfer"]["lr_search"] = {"start": [0.005], "step": 3.0, "low": 0.005, "high": 0.005, "prune_warmup": 0}
     p["sweep"]["workers"] = 1           # tiny runs: spawning processes costs more than it saves
+    p["transfer"]["workers"] = 1
+    p["sweep"]["min_retrain"] = 1       # the Pareto set below the base's size alone
     p["adapter"]["placement"] = "all"
     p["adapter"]["groups"] = 2
     p["adapter"]["prune"] = {"amount": 0.5, "rounds": 2, "epochs": 1, "scope": "layer"}
@@ -141,7 +145,8 @@ def copy_project(src: Path, dest: Path) -> Path:
 
 # The one fully built tiny pipeline that the slow tests share (built once per session):
 # every stage of dvc.yaml on tiny params, with a 2-trial sweep.
-BUILT_PARAMS = tiny_params(**{"seeds": [0, 1], "transfer.lr_grid": [0.005, 0.01], "sweep.n_trials": 2, "sweep.max_epochs": 1, "sweep.space.placement": ["last:1", "last:2"],
+BUILT_PARAMS = tiny_params(**{"seeds": [0, 1], "transfer.lr_search.start": [0.005, 0.01], "transfer.lr_search.step": 2.0,
+                              "transfer.lr_search.high": 0.01, "sweep.n_trials": 2, "sweep.max_epochs": 1, "sweep.space.placement": ["last:1", "last:2"],
                               "sweep.space.groups": [2], "sweep.space.bits": [4, 8]})
 
 

@@ -51,7 +51,7 @@ BAD_CASES = [
     ("zero-lr", _set("pretrain.optim.lr", 0), "pretrain.optim.lr"),
     ("split-not-one", _set("data.split", {"train": 0.7, "val": 0.2, "test": 0.2}), "data.split"),
     ("pretrain-source-undefined", _set("pretrain.source", "cifar_all"), "pretrain.source"),
-    ("transfer-target-undefined", _set("transfer.targets", ["mnist_5to9", "svhn_all"]), "transfer.targets[1]"),
+    ("transfer-target-undefined", _set("transfer.targets", ["fashion_5to9", "svhn_all"]), "transfer.targets[1]"),
     ("transfer-optim-has-no-lr", _set("transfer.optim.lr", 0.01), "transfer.optim.lr"),
     ("empty-seeds", _set("seeds", []), "seeds"),
     ("bool-for-int", _set("pretrain.optim.batch_size", True), "pretrain.optim.batch_size"),
@@ -62,9 +62,9 @@ BAD_CASES = [
     ("int-out-of-range", _set("data.input_size", 4), "data.input_size"),
     ("section-not-mapping", _set("trainer", 5), "trainer"),
     ("nan-lr", _set("pretrain.optim.lr", float("nan")), "pretrain.optim.lr"),
-    ("max-per-class-zero", _set("data.datasets.mnist_0to4.max_per_class", 0), "data.datasets.mnist_0to4.max_per_class"),
-    ("repeated-class", _set("data.datasets.mnist_0to4.classes", [1, 1]), "data.datasets.mnist_0to4.classes"),
-    ("npz-without-path", _set("data.datasets.mnist_0to4", {"source": "npz"}), "data.datasets.mnist_0to4.path"),
+    ("max-per-class-zero", _set("data.datasets.fashion_0to4.max_per_class", 0), "data.datasets.fashion_0to4.max_per_class"),
+    ("repeated-class", _set("data.datasets.fashion_0to4.classes", [1, 1]), "data.datasets.fashion_0to4.classes"),
+    ("npz-without-path", _set("data.datasets.fashion_0to4", {"source": "npz"}), "data.datasets.fashion_0to4.path"),
 ]
 
 
@@ -133,7 +133,7 @@ def test_cli_bad_params_one_line_exit_2(tmp_path, base):
     raw["pretrain"]["optim"]["lr"] = -1.0
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(raw))
-    proc = subprocess.run([str(PIPELINE_BIN), "--params", str(bad), "prepare", "mnist_0to4"],
+    proc = subprocess.run([str(PIPELINE_BIN), "--params", str(bad), "prepare", "fashion_0to4"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -154,7 +154,7 @@ MISSING_CASES = [
     ("seeds", "a list of an integer"),
     ("model", "a mapping with keys name, width"),
     ("data.split.val", "an integer or a number"),  # a count per class or a fraction
-    ("data.datasets.mnist_0to4.source", "a string"),
+    ("data.datasets.fashion_0to4.source", "a string"),
     ("adapter.prune.rounds", "an integer"),
     ("pretrain.optim.lr", "a number"),
     ("transfer.optim.max_epochs", "an integer"),
@@ -224,8 +224,8 @@ def test_dataset_lookup_names_the_command_and_the_allowed_names(base):
     with pytest.raises(ParamsError) as exc:
         params.dataset("svhn_all", "transfer")
     assert str(exc.value) == ("transfer: unknown target 'svhn_all'; "
-                              "allowed (data.datasets): mnist_0to4, mnist_5to9, uci_digits")
-    with pytest.raises(ParamsError, match=r"^prepare: unknown dataset 'x'; allowed \(data.datasets\): mnist_0to4"):
+                              "allowed (data.datasets): fashion_0to4, fashion_5to9, mnist, uci_digits")
+    with pytest.raises(ParamsError, match=r"^prepare: unknown dataset 'x'; allowed \(data.datasets\): fashion_0to4"):
         params.dataset("x", "prepare", "dataset")
 
 
@@ -233,10 +233,10 @@ def test_names_of_the_layers_above_are_not_checked_here(base):
     """Dataset sources and model names belong to pipeline.data.registry and pipeline.nn.backbones
     (tests/test_data.py, tests/test_backbones.py check them there): the loader takes any string."""
     raw = copy.deepcopy(base)
-    raw["data"]["datasets"]["mnist_0to4"] = {"source": "imagenet22k", "classes": [0, 1, 12]}
+    raw["data"]["datasets"]["fashion_0to4"] = {"source": "imagenet22k", "classes": [0, 1, 12]}
     raw["model"]["name"] = "resnet50"
     params = parse_params(raw)
-    assert (params.data.datasets["mnist_0to4"].source, params.model.name) == ("imagenet22k", "resnet50")
+    assert (params.data.datasets["fashion_0to4"].source, params.model.name) == ("imagenet22k", "resnet50")
 
 
 def test_config_imports_nothing_of_the_pipeline_but_its_errors():

@@ -22,19 +22,20 @@ def test_ddp_on_two_cpu_processes(tmp_path):
                             "transfer.adapters": ["serial"], "trainer.accelerator": "cpu", "trainer.devices": 2,
                             "trainer.strategy": "ddp",
                             # the protocol across processes: both choose the same lr, both train the repeat
-                            "seeds": [0, 1], "transfer.lr_grid": [0.005, 0.01]})
+                            "seeds": [0, 1], "transfer.lr_search.start": [0.005, 0.01],
+                            "transfer.lr_search.step": 2.0, "transfer.lr_search.high": 0.01})
     root = make_project(tmp_path / "proj", params)
     out = run_cli([str(BIN / "dvc"), "repro", "transfer@mnist_5to9-serial"], root)
     log = out.stdout + out.stderr
     assert "Starting with 2 processes" in log and "distributed_backend=gloo" in log
     assert log.count("pretrain binary: val") == 1  # the second process printed and wrote nothing
     for seed in (0, 1):
-        assert len(re.findall(rf"transfer mnist_5to9/serial seed {seed} \(lr [0-9.]+ of 0.005 0.01\): val", log)) == 1
+        assert len(re.findall(rf"transfer mnist_5to9/serial seed {seed} \(lr [0-9.]+\): val", log)) == 1
 
     client = MlflowClient("sqlite:///" + str(root / "mlflow.db"))
     exp = client.get_experiment_by_name("bnn-adapters")
     runs = client.search_runs([exp.experiment_id])
-    assert sorted(r.data.tags["stage"] for r in runs) == ["pretrain"] + ["transfer"] * 3  # 2 lr + 1 repeat
+    assert sorted(r.data.tags["stage"] for r in runs) == ["pretrain"] + ["transfer"] * 4  # 2 lr + 2 seeds
 
     card = json.loads((root / "models/base/binary/card.json").read_text())
     pretrain = next(r for r in runs if r.data.tags["stage"] == "pretrain")

@@ -5,11 +5,13 @@ with a known gap, seed-to-seed and image-to-image variation and 5 seeds."""
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import pytest
 from scipy import stats as sps
 
+from conftest import ROOT
 from pipeline.stats import crossed_ci, paired_ci
 
 
@@ -45,30 +47,9 @@ def test_mismatched_pairs_are_refused():
         paired_ci(np.ones((5, 10)), np.ones((4, 10)))
 
 
-def _sig(z):
-    return 1 / (1 + np.exp(-z))
-
-
-def _logits(rng, shape_images, shape_seeds, gap_logit: float, seed_sd: float, image_sd: float):
-    """Logits of A and B on shared images: difficulty b_i ~ N(0, 1.5^2) shared by both (the
-    pairing), each model's own lean on each image ~ N(0, image_sd^2), the same for every seed (so
-    the test images are a sample that every seed sees), and each model's seed offset ~ N(0, seed_sd^2)."""
-    b = rng.normal(0, 1.5, shape_images)
-    lean_a, lean_b = rng.normal(0, image_sd, (2, *shape_images))
-    off_a, off_b = rng.normal(0, seed_sd, (2, *shape_seeds))
-    return 1.5 + b + lean_a + off_a, 1.5 - gap_logit + b + lean_b + off_b
-
-
-def _simulated_studies(rng, studies: int, seeds: int, images: int, gap_logit: float, seed_sd: float, image_sd: float):
-    za, zb = _logits(rng, (studies, 1, images), (studies, seeds, 1), gap_logit, seed_sd, image_sd)
-    return rng.random((studies, seeds, images)) < _sig(za), rng.random((studies, seeds, images)) < _sig(zb)
-
-
-def _true_gap(rng, gap_logit: float, seed_sd: float, image_sd: float, n: int = 4_000_000) -> float:
-    """The population gap E[P(A correct) - P(B correct)] over images and seeds, by a large sample
-    (standard error about 1e-4, a hundredth of the intervals' width)."""
-    za, zb = _logits(rng, (n,), (n,), gap_logit, seed_sd, image_sd)
-    return float(np.mean(_sig(za) - _sig(zb)))
+# the generative model of benchmarks/interval_coverage.py (which draws the coverage figure)
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from interval_coverage import simulated_studies as _simulated_studies, true_gap as _true_gap  # noqa: E402
 
 
 @pytest.mark.parametrize("seed_sd, image_sd", [(0.3, 0.0), (0.05, 1.0)])  # seed, then image variation dominating

@@ -156,3 +156,46 @@ def test_hypervolume_matches_independent_exact_union(seed):
     # the Pareto subset alone spans the same area
     front = [p for p, keep in zip(points, pareto_mask(points)) if keep]
     assert hypervolume(front, ref_a, ref_m) == pytest.approx(expected, abs=1e-9)
+
+
+# ------------------------------------------------------------------------------ the sweep's retrain set
+
+
+def _trial(number: int, acc: float, memory: float, state=None):
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState, create_trial
+
+    return create_trial(state=state or TrialState.COMPLETE, values=None if state else [acc, memory],
+                        params={"x": float(number)}, distributions={"x": FloatDistribution(0, 100)},
+                        user_attrs={"proposal": number})
+
+
+def test_retrain_set_is_the_front_below_the_base_then_the_next_layers():
+    from optuna.trial import TrialState
+
+    from pipeline.train.sweep import to_retrain
+
+    # (number, val accuracy, memory bytes); the base is 100 bytes
+    trials = [_trial(0, 0.90, 10), _trial(1, 0.95, 50), _trial(2, 0.99, 150),   # front; 2 is above the base
+              _trial(3, 0.85, 20), _trial(4, 0.93, 60),                         # second layer (below the base)
+              _trial(5, 0.80, 30), _trial(6, 0.50, 5.0, TrialState.FAIL),      # third layer; a failed trial
+              _trial(7, 0.97, 100)]                                             # exactly the base's size: never
+    numbers = lambda ts: [t.user_attrs["proposal"] for t in ts]  # noqa: E731
+    # front below the base: 0 (10 B) and 1 (50 B); 7 at 100 B and 2 at 150 B are not below it
+    assert numbers(to_retrain(trials, 100.0, 1)) == [0, 1]
+    assert numbers(to_retrain(trials, 100.0, 2)) == [0, 1]
+    # 3 wanted: the whole second layer (3 at 20 B, 4 at 60 B) joins, by memory
+    assert numbers(to_retrain(trials, 100.0, 3)) == [0, 3, 1, 4]
+    assert numbers(to_retrain(trials, 100.0, 5)) == [0, 3, 5, 1, 4]
+    assert numbers(to_retrain(trials, 100.0, 50)) == [0, 3, 5, 1, 4]  # all there is below the base
+    assert to_retrain(trials, 5.0, 6) == []
+
+
+def test_log_memory_hypervolume_by_hand():
+    from pipeline.train.sweep import log_hypervolume
+
+    # (accuracy, memory % of base): strips in log10 memory from 1% (0) to 100% (2)
+    # 0.5% counts at 1% (log 0): 0.8 over [0, 1) (1% to 10%), then 0.9 over [1, 2): 0.8 + 0.9
+    assert log_hypervolume([(0.8, 0.5), (0.9, 10.0)], 0.0) == pytest.approx(1.7, abs=1e-12)
+    # a point at or above 100% adds nothing; reference accuracy 0.5 lowers each strip's height
+    assert log_hypervolume([(0.8, 1.0), (0.99, 100.0)], 0.5) == pytest.approx(2 * 0.3, abs=1e-12)

@@ -38,7 +38,11 @@ def test_repro_writes_every_output(project):
     # 1 target x (5 methods on the binary base + full on fp32) x 2 seeds, each at its chosen lr
     assert len(results) == 12 and sorted(results.seed.unique()) == [0, 1]
     for _, arm in results.groupby(["method", "precision"]):
-        assert arm.lr.nunique() == 1 and arm.lr.iloc[0] in (0.005, 0.01) and (arm.lr_grid == "0.005 0.01").all()
+        # lr_search start [0.005, 0.01] inside [low 0.005, high 0.01]: both tried, no step past an end
+        assert arm.lr.nunique() == 1 and arm.lr.iloc[0] in (0.005, 0.01) and arm.lr_searched.nunique() == 1
+        searched = [s.split()[0] for s in arm.lr_searched.iloc[0].split(", ")]
+        assert [s.rstrip("*") for s in searched] == ["0.005", "0.01"]
+        assert [float(s[:-1]) for s in searched if s.endswith("*")] == [arm.lr.iloc[0]]
     assert set(zip(results.target, results.method, results.precision)) == {
         ("mnist_5to9", m, "binary") for m in ("full", "head", "bn", "serial", "parallel")} | {("mnist_5to9", "full", "fp32")}
     adapters = results[results.method.isin(["serial", "parallel"])]
@@ -62,6 +66,43 @@ def test_sweep_and_report_outputs(project):
     for png in ("accuracy_vs_memory_mnist_5to9", "sweep_mnist_5to9", "training_time", "learning_curves", "storage_for_tasks"):
         assert (root / "reports/plots" / f"{png}.png").stat().st_size > 10_000
         assert f"plots/{png}.png" in report
+
+
+def test_stored_predictions_recompute_every_recorded_accuracy(project):
+    """Every reported run's per-image predictions: results.csv's val and test accuracy of every
+    arm and seed, the sweep's retrained points (pareto_runs.csv) and the bases' metrics, each
+    recomputed from the .npz files, with no mismatch; the labels are the prepared splits'."""
+    from safetensors.torch import load_file
+
+    from pipeline.predictions import Predictions
+
+    root, _, _ = project
+    results = pd.read_csv(root / "reports/results.csv")
+    preds = Predictions.read(root / "reports/predictions/mnist_5to9.npz")
+    for split in ("val", "test"):
+        y = load_file(str(root / f"data/prepared/mnist_5to9/{split}.safetensors"))["y"].numpy()
+        assert (preds.labels(split) == y).all()
+    mismatches, checked = 0, 0
+    for _, r in results.iterrows():
+        key = f"{r.method if r.precision == 'binary' else r.method + '_' + r.precision}/seed{r.seed}"
+        for split in ("val", "test"):
+            checked += 1
+            mismatches += abs(preds.accuracy(key, split) - r[f"{split}_acc"]) > 1e-12
+    runs = pd.read_csv(root / "reports/sweep/mnist_5to9/pareto_runs.csv")
+    sweep = Predictions.read(root / "reports/sweep/mnist_5to9/predictions.npz")
+    for _, r in runs.iterrows():
+        for split in ("val", "test"):
+            checked += 1
+            key = f"trial{r.number}/seed{r.seed}"
+            mismatches += abs(sweep.accuracy(key, split) - r[f"{split}_acc"]) > 1e-12
+            mismatches += preds.accuracy(key, split) != sweep.accuracy(key, split)  # merged into the target's file
+    for precision in ("binary", "fp32"):
+        m = json.loads((root / f"reports/metrics/pretrain_{precision}.json").read_text())
+        base = Predictions.read(root / f"models/base/{precision}/predictions.npz")
+        for split in ("val", "test"):
+            checked += 1
+            mismatches += round(base.accuracy("pretrain/seed0", split), 4) != m[f"{split}_acc"]
+    assert checked == 2 * (len(results) + len(runs) + 2) and len(runs) >= 2 and mismatches == 0
 
 
 def test_second_repro_does_nothing(project):
@@ -137,8 +178,8 @@ def test_mlflow_runs_read_back(project):
     by_stage = {}
     for r in runs:
         by_stage.setdefault(r.data.tags["stage"], []).append(r)
-    # 6 arms x (2 lr on seed 0 + the chosen lr on seed 1)
-    assert len(by_stage["pretrain"]) == 2 and len(by_stage["transfer"]) == 18
+    # 6 arms x (2 lr on the selection seed + the chosen lr on seeds 0 and 1)
+    assert len(by_stage["pretrain"]) == 2 and len(by_stage["transfer"]) == 24
     assert len(by_stage["sweep"]) == 1 and len(by_stage["sweep_trial"]) == 2
     pareto = pd.read_csv(root / "reports/sweep/mnist_5to9/pareto.csv")
     assert len(by_stage["sweep_retrain"]) == 2 * len(pareto)  # each Pareto point on both seeds

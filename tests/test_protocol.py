@@ -19,7 +19,7 @@ from conftest import BIN, ROOT, copy_project, run_cli, set_keys
 from pipeline.config import parse_params
 from pipeline.nn.adapters import TaskSpec, TransferNet
 from pipeline.nn.pruning import sparsity
-from pipeline.train.protocol import choose_lr, lr_stem
+from pipeline.train.protocol import best_lr, bracket
 from pipeline.train.datamodule import PreparedData
 from pipeline.train.fit import resume_fingerprint
 from pipeline.train.sweep import study_name
@@ -50,17 +50,48 @@ def test_still_improving_compares_last_three_epochs_with_the_best_before(accs, m
 # ------------------------------------------------------------------------------ lr choice
 
 
-def test_choose_lr_takes_best_val_and_first_grid_entry_on_ties():
-    rows = [{"lr": 0.002, "val_acc": 0.90}, {"lr": 0.005, "val_acc": 0.95}, {"lr": 0.01, "val_acc": 0.95}]
-    assert choose_lr(rows)["lr"] == 0.005
-    # 2/3 and 0.6666666667 are the same accuracy once rounded: still a tie, still the first
-    rows = [{"lr": 0.01, "val_acc": 2 / 3}, {"lr": 0.002, "val_acc": 0.6666666667}]
-    assert choose_lr(rows)["lr"] == 0.01
-    assert choose_lr([{"lr": 0.01, "val_acc": 0.5}, {"lr": 0.02, "val_acc": 0.51}])["lr"] == 0.02
+def test_best_lr_takes_best_finished_run_and_the_smaller_lr_on_ties():
+    assert best_lr({0.002: 0.90, 0.005: 0.95, 0.01: 0.95}) == 0.005
+    # 2/3 and 0.6666666667 are the same accuracy once rounded: still a tie, the smaller lr
+    assert best_lr({0.01: 2 / 3, 0.002: 0.6666666667}) == 0.002
+    assert best_lr({0.01: 0.5, 0.02: None, 0.005: 0.49}) == 0.01   # pruned / diverged never win
+    assert best_lr({0.01: None}) is None
 
 
-def test_lr_stems_have_no_dot():
-    assert [lr_stem(v) for v in (0.002, 0.01, 1.0, 3e-4)] == ["lr0p002", "lr0p01", "lr1", "lr0p0003"]
+def _peaked(peak: float, calls: list):
+    """val accuracy falling with |log(lr / peak)|: the search should find the peak's neighbour."""
+    import math
+
+    def evaluate(lr):
+        calls.append(round(lr, 10))
+        return 0.9 - 0.05 * abs(math.log(lr / peak))
+    return evaluate
+
+
+def test_bracket_stops_at_once_when_the_winner_is_interior():
+    calls = []
+    tried = bracket([0.003, 0.01, 0.03], 3.0, 1e-4, 0.3, _peaked(0.01, calls))
+    assert calls == [0.03, 0.01, 0.003] and best_lr(tried) == 0.01
+
+
+def test_bracket_extends_past_the_winning_end_until_interior():
+    calls = []
+    tried = bracket([0.003, 0.01, 0.03], 3.0, 1e-4, 1.0, _peaked(0.2, calls))
+    # 0.03 wins -> 0.09 wins -> 0.27 wins -> 0.81: 0.27 is now interior (0.81 is further from 0.2)
+    assert calls == [0.03, 0.01, 0.003, 0.09, 0.27, 0.81] and best_lr(tried) == pytest.approx(0.27)
+    calls = []
+    tried = bracket([0.003, 0.01, 0.03], 3.0, 1e-4, 0.3, _peaked(1e-3, calls))
+    assert calls == [0.03, 0.01, 0.003, 0.001, 0.0003333333] and best_lr(tried) == pytest.approx(1e-3)
+
+
+def test_bracket_stops_at_a_limit_and_when_the_end_run_was_pruned():
+    calls = []
+    tried = bracket([0.003, 0.01, 0.03], 3.0, 1e-4, 0.1, _peaked(5.0, calls))  # 0.27 would leave high 0.1
+    assert calls == [0.03, 0.01, 0.003, 0.09] and best_lr(tried) == pytest.approx(0.09)
+    calls = []
+    pruned_high = lambda lr: None if lr > 0.05 else _peaked(5.0, calls)(lr)  # noqa: E731
+    tried = bracket([0.003, 0.01, 0.03], 3.0, 1e-4, 1.0, pruned_high)
+    assert sorted(tried) == pytest.approx([0.003, 0.01, 0.03, 0.09]) and best_lr(tried) == 0.03  # interior now
 
 
 # ------------------------------------------------------------------------------ the training rule
@@ -134,7 +165,7 @@ def _manifest_sha(**changed) -> dict:
     {"transfer": {"optim": {"patience": 9}}},
     {"transfer": {"head_bits": 4}},
     {"adapter": {"prune": {"scope": "global"}}},
-    {"seeds": [0, 1]},
+    {"selection_seed": 7},            # trials train on it
     {"sweep": {"max_epochs": 4}},
     {"sweep": {"in_flight": 3}},      # the proposals depend on it
     {"sweep": {"space": {"groups": [4]}}},
@@ -302,10 +333,10 @@ def test_shuffled_test_labels_change_no_choice(built_project, tmp_path):
     def choices(r):
         metrics = {f.stem: json.loads(f.read_text()) for f in (r / "reports/metrics").glob("transfer_mnist_5to9_*.json")}
         inputs = analysis.load_inputs(r / "reports")
-        picked = {k: (m["lr"], m["lr_search_val_acc"], m["val_acc"]) for k, m in metrics.items()}
+        picked = {k: (m["lr"], m["lr_search"], m["val_acc"]) for k, m in metrics.items()}
         pareto = pd.read_csv(r / "reports/sweep/mnist_5to9/pareto.csv")
         picked["pareto"] = (list(pareto.number), list(pareto.val_acc))
-        for name, pick in (("best", analysis.best_adapter(inputs, "mnist_5to9", 0.12)),
+        for name, pick in (("best", (analysis.best_adapter(inputs, "mnist_5to9", 0.12) or [None])[0]),
                            ("within1", analysis.smallest_within(inputs, "mnist_5to9", 1)),
                            ("within3", analysis.smallest_within(inputs, "mnist_5to9", 3))):
             picked[name] = None if pick is None else (pick.source, pick.method, pick.memory_ratio, pick.val_acc)

@@ -256,7 +256,10 @@ def test_fixed_scale_passes_no_gradient_to_a_scale():
 
 
 def test_learned_scales_get_gradients_in_a_transfer_net(vgg_base):
-    net = TransferNet(copy.deepcopy(vgg_base), TaskSpec("serial", groups=2, reduction=2, bits=2, learn_scale=True), 3)
+    # groups 1: with groups 2 the bottleneck's up-projection has one weight per output channel, whose
+    # closed-form scale puts it exactly on a level, where LSQ's step-size gradient is 0 by design
+    torch.manual_seed(0)  # the adapters' init, not whatever state earlier tests left the global RNG in
+    net = TransferNet(copy.deepcopy(vgg_base), TaskSpec("serial", groups=1, reduction=2, bits=2, learn_scale=True), 3)
     net.train()
     with torch.no_grad():
         for m in net.modules():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
 import signal
@@ -187,9 +188,11 @@ def test_resume_reports_trials_and_pareto(project, resumed):
     numbers = [int(n) for n in pareto.number]
     assert len(set(numbers)) == len(numbers) and set(numbers) <= set(complete)
     front = _non_dominated({n: (t.values[0], t.values[1]) for n, t in complete.items()})
-    assert set(numbers) == front
     card = json.loads((root / "models/base/binary/card.json").read_text())
     base_memory = card["metrics"]["memory_bytes"]
+    # sweep.min_retrain 1: retrained are the Pareto points below the base's size, and only they
+    assert set(numbers) == {n for n in front if complete[n].values[1] < base_memory}
+    assert list(pareto.pareto) == [True] * len(pareto)
     runs = pd.read_csv(root / "reports/sweep" / TARGET / "pareto_runs.csv")
     for _, r in pareto.iterrows():
         t = complete[int(r.number)]
@@ -203,6 +206,9 @@ def test_resume_reports_trials_and_pareto(project, resumed):
     assert resumed["metrics"]["pareto_size"] == len(pareto)
     expected_hv = _area(list(zip(pareto.val_acc, pareto.memory_pct)), 0.0, 100.0)  # on val: test chooses nothing
     assert resumed["metrics"]["hypervolume"] == pytest.approx(round(expected_hv, 4), abs=1e-12)
+    # over log10 memory from 1% to 100% of the base: points below 1% count at 1%
+    expected_log = _area([(a, math.log10(max(m, 1.0))) for a, m in zip(pareto.val_acc, pareto.memory_pct)], 0.0, 2.0)
+    assert resumed["metrics"]["hypervolume_log_memory"] == pytest.approx(round(expected_log, 4), abs=1e-12)
     expected_test = _area(list(zip(pareto.test_acc, pareto.memory_pct)), 0.0, 100.0)
     assert resumed["metrics"]["hypervolume_test"] == pytest.approx(round(expected_test, 4), abs=1e-12)
 

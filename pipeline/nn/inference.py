@@ -15,7 +15,12 @@ def logits(net: torch.nn.Module, x: torch.Tensor, batch_size: int = 256) -> torc
     return out
 
 
+def predict(net: torch.nn.Module, x: torch.Tensor, batch_size: int = 1024) -> torch.Tensor:
+    """The predicted class of each input."""
+    return logits(net, x, batch_size).argmax(1) if len(x) else torch.empty(0, dtype=torch.long)
+
+
 def accuracy(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256) -> float:
     if not len(y):
         return 0.0
-    return int((logits(net, x, batch_size).argmax(1) == y).sum()) / len(y)
+    return int((predict(net, x, batch_size) == y).sum()) / len(y)

@@ -195,3 +195,29 @@ def memory_report(model: nn.Module, include: Optional[Callable[[str, nn.Module],
         row.params += e.numel
         row.bits += e.bits
     return MemoryReport(list(by_layer.values()))
+
+
+def training_memory(net: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """What one training step on the batch `x` holds, TinyTL's measure (activations dominate):
+    the tensors autograd saves for backward (counted once per storage, the parameters apart), every
+    parameter, and a gradient and two Adam moments per trainable one, in bytes as allocated. Not
+    the storage accounting above: this is working memory, on a copy, so running statistics stay."""
+    import copy
+
+    m = copy.deepcopy(net)
+    m.train()  # the network keeps its frozen parts in eval mode
+    params = {p.untyped_storage().data_ptr() for p in m.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            saved[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        m(x)
+    weights = sum(p.numel() * p.element_size() for p in m.parameters())
+    trainable = sum(p.numel() * p.element_size() for p in m.parameters() if p.requires_grad)
+    activations = sum(saved.values())
+    return {"train_activation_bytes": activations, "train_memory_bytes": activations + weights + 3 * trainable}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib
@@ -11,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
-from pipeline.report.analysis import ADAPTERS, Inputs, baseline, per_config  # noqa: E402
+from pipeline.report.analysis import ADAPTERS, Inputs, baseline  # noqa: E402
 
 STYLE = {  # (method, precision) -> marker, colour, label
     ("full", "binary"): ("s", "tab:blue", "full finetune (binary)"),
@@ -23,10 +24,14 @@ STYLE = {  # (method, precision) -> marker, colour, label
 }
 
 
-def _bars(half_widths):
-    """95% half-widths as error bars; unknown (one seed) draws none."""
-    values = np.nan_to_num(np.asarray(half_widths, dtype=float), nan=0.0)
-    return values if (values > 0).any() else None
+def _bars(means, half_widths, low: float = 0.0, high: float = math.inf):
+    """95% half-widths as error bars clipped to the quantity's range [low, high] (no accuracy
+    above 100%, no time below 0); unknown (one seed) draws none."""
+    m = np.asarray(means, dtype=float)
+    h = np.nan_to_num(np.asarray(half_widths, dtype=float), nan=0.0)
+    if not (h > 0).any():
+        return None
+    return np.vstack([np.minimum(h, np.maximum(m - low, 0)), np.minimum(h, np.maximum(high - m, 0))])
 
 
 def _save(fig, path: Path, dpi: int) -> Path:
@@ -38,7 +43,7 @@ def _save(fig, path: Path, dpi: int) -> Path:
 
 
 def accuracy_vs_memory(inputs: Inputs, target: str, band: tuple[float, float], out: Path, dpi: int) -> Path:
-    cfg = per_config(inputs.results)
+    cfg = inputs.config()
     cfg = cfg[cfg.target == target]
     fig, ax = plt.subplots(figsize=(7.5, 5))
     ax.axvspan(100 * band[0], 100 * band[1], color="gold", alpha=0.25, label=f"prior study's {band[0]:.0%}-{band[1]:.0%} band")
@@ -50,15 +55,15 @@ def accuracy_vs_memory(inputs: Inputs, target: str, band: tuple[float, float], o
     pareto = inputs.pareto.get(target)
     if pareto is not None and len(pareto):
         p = pareto.sort_values("memory_pct")
-        ax.errorbar(p.memory_pct, p.test_acc, yerr=_bars(p.test_acc_ci), fmt=".-", color="tab:red", lw=1.5, capsize=3,
+        ax.errorbar(p.memory_pct, p.test_acc, yerr=_bars(p.test_acc, p.test_acc_ci, 0, 1), fmt=".-", color="tab:red", lw=1.5, capsize=3,
                     label="sweep Pareto set (chosen on val; test, retrained on every seed)")
     for (method, precision), (marker, colour, label) in STYLE.items():
         rows = cfg[(cfg.method == method) & (cfg.precision == precision)]
         if len(rows):
-            ax.errorbar(100 * rows.memory_ratio, rows.test_acc, yerr=_bars(rows.test_acc_ci), fmt=marker, color=colour,
+            ax.errorbar(100 * rows.memory_ratio, rows.test_acc, yerr=_bars(rows.test_acc, rows.test_acc_ci, 0, 1), fmt=marker, color=colour,
                         ms=8, capsize=3, label=label, zorder=5)
     for precision, ls in (("binary", "--"), ("fp32", ":")):
-        full = baseline(per_config(inputs.results), target, "full", precision)
+        full = baseline(inputs.config(), target, "full", precision)
         if full is not None:
             ax.axhline(full.test_acc, color="tab:blue" if precision == "binary" else "tab:purple", ls=ls, lw=1,
                        label=f"full finetune ({precision}): {full.test_acc:.1%}")
@@ -79,7 +84,7 @@ def _memory_axes(fig, ax, out: Path, dpi: int, ylabel: str, title: str, legend_s
 
 
 def training_time(inputs: Inputs, out: Path, dpi: int) -> Path:
-    cfg = per_config(inputs.results)
+    cfg = inputs.config()
     targets = inputs.targets
     keys = [k for k in STYLE if len(cfg[(cfg.method == k[0]) & (cfg.precision == k[1])])]
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
@@ -91,7 +96,7 @@ def training_time(inputs: Inputs, out: Path, dpi: int) -> Path:
             rows = cfg[(cfg.target == t) & (cfg.method == key[0]) & (cfg.precision == key[1])]
             means.append(rows.train_time_s.mean() if len(rows) else np.nan)
             cis.append(rows.train_time_s_ci.mean() if len(rows) else np.nan)
-        ax.bar(np.arange(len(targets)) + i * width, means, width, yerr=_bars(cis), capsize=3, color=colour, label=label)
+        ax.bar(np.arange(len(targets)) + i * width, means, width, yerr=_bars(means, cis, 0), capsize=3, color=colour, label=label)
     ax.set_xticks(np.arange(len(targets)) + width * (len(keys) - 1) / 2, targets)
     ax.set_ylabel("training time (s, frozen-prefix pass included)")
     ax.set_title("Training time per method and target (error bars: 95% interval over seeds)")
@@ -123,7 +128,7 @@ def learning_curves(inputs: Inputs, out: Path, dpi: int) -> Path:
 def storage_for_tasks(inputs: Inputs, n_max: int, out: Path, dpi: int) -> Path:
     """Base + N task states vs N full copies; task state per adapter method = its mean task
     memory over targets (as run by the transfer stage)."""
-    cfg = per_config(inputs.results)
+    cfg = inputs.config()
     n = np.arange(1, n_max + 1)
     kib = 1024
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
@@ -158,6 +163,6 @@ def sweep_front(inputs: Inputs, target: str, out: Path, dpi: int) -> Path:
     if pareto is not None and len(pareto):
         p = pareto.sort_values("memory_pct")
         for split, colour in (("val", "tab:green"), ("test", "tab:red")):
-            ax.errorbar(p.memory_pct, p[f"{split}_acc"], yerr=_bars(p[f"{split}_acc_ci"]), fmt=".-", color=colour,
+            ax.errorbar(p.memory_pct, p[f"{split}_acc"], yerr=_bars(p[f"{split}_acc"], p[f"{split}_acc_ci"], 0, 1), fmt=".-", color=colour,
                         capsize=3, label=f"Pareto set, {split} (retrained, every seed)")
     return _memory_axes(fig, ax, out, dpi, "accuracy", f"Sweep on '{target}': accuracy vs task memory", 8)

@@ -6,11 +6,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from pipeline import predictions
 from pipeline.config import Params, as_flat_dict
 from pipeline.io import write_json
 from pipeline.nn.backbones import Arch, Backbone, build_backbone
 from pipeline.nn.checkpoint import save_base
 from pipeline.nn.export import export_packed
+from pipeline.nn.inference import predict
 from pipeline.nn.memory import memory_report
 from pipeline.paths import METRICS_DIR, base_dir, prepared
 from pipeline.train.datamodule import PreparedData
@@ -48,11 +50,15 @@ def save_pretrained(params: Params, net: Backbone, result: FitResult, data: Prep
     """The checkpoint, its packed file and the model card (architecture, memory, source accuracy);
     returns the stage's metrics."""
     memory = memory_report(net)
+    preds = {s: predict(net, data.splits[s][0]).numpy() for s in predictions.SPLITS}
+    predictions.write(out / "predictions.npz", {s: data.splits[s][1].numpy() for s in predictions.SPLITS},
+                      {predictions.run_key("pretrain", params.seeds[0]): preds})
+    acc = {s: float((preds[s] == data.splits[s][1].numpy()).mean()) for s in predictions.SPLITS}
     sha = save_base(net, out / "model.pt")
     packed = export_packed(net, out / "model.bnnpack", {"arch": net.arch.to_dict(), "base_sha256": sha})
     metrics = {
-        "val_acc": round(result.val_acc, 4),
-        "test_acc": round(result.test_acc, 4),
+        "val_acc": round(acc["val"], 4),   # from the stored predictions (predictions.npz)
+        "test_acc": round(acc["test"], 4),
         "memory_bytes": memory.bytes,
         "packed_payload_bytes": packed["payload_bytes"],
         "params": memory.params,

@@ -1,13 +1,17 @@
-"""Stage `results`: the per-run row files of every transfer run -> reports/results.csv.
-Each transfer run owns its own rows file, so parallel runs never write the same file."""
+"""Stage `results`: the per-arm row and prediction files of every transfer arm ->
+reports/results.csv, and with the sweep's retrained points' predictions ->
+reports/predictions/<target>.npz (every reported run of one target in one file). Each arm and
+sweep owns its own files, so parallel stages never write the same file."""
 
 from __future__ import annotations
 
 import pandas as pd
 
+from pipeline import predictions
+
 from pipeline.config import Params
 from pipeline.errors import UserError
-from pipeline.paths import RESULTS_CSV as OUT, RESULTS_DIR as ROWS
+from pipeline.paths import PREDICTIONS_DIR, RESULTS_CSV as OUT, RESULTS_DIR as ROWS, sweep_dir
 
 
 
@@ -18,5 +22,12 @@ def run(params: Params) -> pd.DataFrame:
     table = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
     table = table.sort_values(["target", "method", "precision", "seed"], kind="stable")
     table.to_csv(OUT, index=False)
-    print(f"results: {len(table)} rows from {len(files)} runs -> {OUT}")
+    for stale in PREDICTIONS_DIR.glob("*.npz"):  # a target no longer run leaves no file behind
+        stale.unlink()
+    for target in sorted(table.target.unique()):
+        sweep = sweep_dir(target) / "predictions.npz"
+        merged = predictions.Predictions.read(*sorted(ROWS.glob(f"{target}__*.npz")), *([sweep] if sweep.exists() else []))
+        runs = {k: {s: merged.arrays[f"{k}/{s}"] for s in predictions.SPLITS if merged.has(k, s)} for k in merged.runs()}
+        predictions.write(PREDICTIONS_DIR / f"{target}.npz", {s: merged.labels(s) for s in predictions.SPLITS}, runs)
+    print(f"results: {len(table)} rows from {len(files)} arms -> {OUT}, predictions -> {PREDICTIONS_DIR}/<target>.npz")
     return table

@@ -1,7 +1,8 @@
 """Independent training runs side by side: spawned processes, each with its share of the cores.
 On 2 cores, two 1-thread runs beat one 2-thread run by 1.2-1.3x in throughput
-(benchmarks/side_by_side.py), which pays off for many runs of similar length (sweep trials and
-retrains), not for a stage's 3 + 2 (the lr grid, then the seeds)."""
+(benchmarks/side_by_side.py), which pays off for runs of similar length: an arm's reported seeds,
+sweep trials and retrains (an lr search runs one after another: each run's pruning needs the
+finished ones)."""
 
 from __future__ import annotations
 
@@ -23,9 +24,26 @@ def set_threads(n: int) -> None:
     torch.set_num_threads(n)
 
 
+def warm_up(steps: int = 30) -> None:
+    """A process's first training steps run slower than later ones (lazy kernel and allocator
+    set-up): a few steps of a small conv net on random data, so the first timed run of a worker is
+    timed like the rest."""
+    g = torch.Generator().manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.Hardtanh(),
+                              torch.nn.Conv2d(32, 32, 3, padding=1), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
+                              torch.nn.Linear(32 * 14 * 14, 10))
+    opt = torch.optim.Adam(net.parameters())
+    for _ in range(steps):
+        x, y = torch.randn(64, 1, 28, 28, generator=g), torch.randint(0, 10, (64,), generator=g)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+
+
 def start_worker(threads: int) -> None:
     quiet()  # logging filters do not cross a spawn
     set_threads(threads)
+    warm_up()
 
 
 def _call(job: tuple[Callable, dict]) -> Any:

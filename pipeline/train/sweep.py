@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import multiprocessing as mp
 import os
 import shutil
@@ -33,12 +34,13 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState, create_trial
 from sqlalchemy.exc import IntegrityError, ProgrammingError
 
+from pipeline import predictions
 from pipeline.config import Params
 from pipeline.errors import EnvironmentFailure, TrainingDiverged, UserError, first_line
 from pipeline.io import sha256, write_json
 from pipeline.nn.memory import BREAKDOWN_COLUMNS
 from pipeline.paths import METRICS_DIR
-from pipeline.stats import mean_ci
+from pipeline.stats import crossed_ci, mean_ci
 from pipeline.train import protocol, transfer
 from pipeline.train.parallel import start_worker, threads_each
 from pipeline.train.pareto import hypervolume, pareto_mask
@@ -60,7 +62,7 @@ def study_name(params: Params, target: str, base_sha256: str, data_sha256: dict)
     scales, seeds, hardware arithmetic, the target's splits, the base) starts a new study instead of re-scoring an old one."""
     s, t = params.sweep, params.trainer
     key = {"space": asdict(s.space), "target": target, "base": base_sha256, "data": data_sha256,
-           "max_epochs": s.max_epochs, "sampler": s.sampler, "seed": s.seed, "seeds": params.seeds,
+           "max_epochs": s.max_epochs, "sampler": s.sampler, "seed": s.seed, "selection_seed": params.selection_seed,
            "n_startup_trials": s.n_startup_trials, "anchors": s.anchors, "in_flight": s.in_flight,
            "optim": asdict(params.transfer.optim), "head_bits": params.transfer.head_bits,
            "prune": asdict(params.adapter.prune), "bn_bits": params.adapter.bn_bits,
@@ -253,10 +255,10 @@ def start_attempt(params: Params, study: optuna.Study, storage, target: str, q: 
 
 def run_trial(params: Params, q: int, values: dict[str, Any], target: str, name: str, folder: Path,
               parent: Optional[str], base_bytes: float) -> dict[str, Any]:
-    """Proposal q on the first seed (val only): the user attrs it records, or its `fail_reason`."""
+    """Proposal q on the selection seed (val only): the user attrs it records, or its `fail_reason`."""
     s, stem = params.sweep, f"trial_{q:04d}"
     try:
-        spec = from_trial(params, target, values, params.seeds[0], s.max_epochs)
+        spec = from_trial(params, target, values, params.selection_seed, s.max_epochs)
         tracking = Tracking(f"sweep-{target}-trial{q}",
                             run_tags("sweep_trial", target=target, method=spec.method, precision="binary", study=name),
                             parent, {"trial_number": q, "study": name})
@@ -390,6 +392,26 @@ def front(trials: list[FrozenTrial]) -> list[FrozenTrial]:
     return sorted((t for t, k in zip(done, keep) if k), key=lambda t: (t.values[1], t.user_attrs["proposal"]))
 
 
+def to_retrain(trials: list[FrozenTrial], base_bytes: float, at_least: int) -> list[FrozenTrial]:
+    """The trials retrained on the reported seeds: the Pareto set below the base's size (it holds
+    the best trial under any memory budget), then the next non-dominated layers below it while
+    fewer than `at_least` are chosen (a layer taken whole), by memory then number."""
+    left = [t for t in trials if t.state == TrialState.COMPLETE and t.values[1] < base_bytes]
+    chosen: list[FrozenTrial] = []
+    while left and (not chosen or len(chosen) < at_least):
+        layer = front(left)
+        chosen += layer
+        left = [t for t in left if t not in layer]
+    return sorted(chosen, key=lambda t: (t.values[1], t.user_attrs["proposal"]))
+
+
+def log_hypervolume(points: list[tuple[float, float]], ref_accuracy: float) -> float:
+    """Hypervolume of (accuracy, memory % of base) points over log10 memory from 1% to 100% of the
+    base: the small-state region weighs as much per decade as the large one. Points below 1% count
+    at 1%; at or above 100% add nothing. In accuracy x decades (at most 2)."""
+    return hypervolume([(a, math.log10(max(m, 1.0))) for a, m in points], ref_accuracy, 2.0)
+
+
 def trial_rows(trials: list[FrozenTrial]) -> list[dict[str, Any]]:
     rows = []
     for t in trials:
@@ -406,33 +428,39 @@ def trial_rows(trials: list[FrozenTrial]) -> list[dict[str, Any]]:
     return rows
 
 
-def pareto_points(points: list[FrozenTrial], runs: pd.DataFrame) -> pd.DataFrame:
-    """One row per Pareto trial: its params, the trial's own val accuracy, and mean ± 95% interval
-    over the retrained seeds of val and test accuracy, memory and training time."""
+def pareto_points(points: list[FrozenTrial], runs: pd.DataFrame, preds: predictions.Predictions,
+                  on_front: set[int]) -> pd.DataFrame:
+    """One row per retrained trial: its params, whether it is on the trials' Pareto front, the
+    trial's own val accuracy, val and test accuracy over the reported seeds with 95% intervals
+    over seeds x images (stats.crossed_ci), and memory and training time with Student t intervals
+    over seeds."""
     rows = []
     for t in points:
         q = t.user_attrs["proposal"]
         r = runs[runs.number == q]
-        row = {"number": q, **t.params, "trial_val_acc": t.values[0], "seeds": len(r)}
-        for key in ("val_acc", "test_acc", "task_memory_bytes", "memory_ratio", "train_time_s", "epochs_run",
-                    *BREAKDOWN_COLUMNS):
+        row = {"number": q, **t.params, "pareto": q in on_front, "trial_val_acc": t.values[0], "seeds": len(r)}
+        keys = [predictions.run_key(f"trial{q}", s) for s in r.seed]
+        for split in predictions.SPLITS:
+            row[f"{split}_acc"], row[f"{split}_acc_ci"], _ = crossed_ci(preds.correct(keys, split))
+        for key in ("task_memory_bytes", "memory_ratio", "train_time_s", "epochs_run", *BREAKDOWN_COLUMNS):
             row[key], row[f"{key}_ci"] = mean_ci(r[key])
         row["memory_pct"] = 100 * row["memory_ratio"]
         row["hit_cap_improving"] = int(r.hit_cap_improving.sum())
         rows.append(row)
-    return pd.DataFrame(rows, columns=None if rows else ["number", "method", "val_acc", "val_acc_ci", "test_acc",
+    return pd.DataFrame(rows, columns=None if rows else ["number", "method", "pareto", "val_acc", "val_acc_ci", "test_acc",
                                                          "test_acc_ci", "task_memory_bytes", "memory_ratio", "memory_pct"])
 
 
 def retrain_pareto(params: Params, points: list[FrozenTrial], target: str, folder: Path, parent: str,
                    name: str) -> pd.DataFrame:
-    """The Pareto trials, each retrained on every seed at the arms' budget (transfer.optim, the
-    trial's lr), `sweep.workers` runs side by side: one row per (trial, seed), the same columns as
-    results.csv."""
+    """The chosen trials, each retrained on every reported seed at the arms' budget
+    (transfer.optim, the trial's lr), `sweep.workers` runs side by side: one row per (trial, seed),
+    the same columns as results.csv; their predictions go to predictions.npz."""
     params = one_device(params)
     specs = [(t.user_attrs["proposal"], from_trial(params, target, t.params, params.seeds[0])) for t in points]
-    rows = protocol.retrain(params, specs, folder / "pareto", {"parent_run_id": parent, "study": name},
-                            params.sweep.workers)
+    rows, preds = protocol.retrain(params, specs, folder / "pareto", {"parent_run_id": parent, "study": name},
+                                   params.sweep.workers)
+    predictions.write(folder / "predictions.npz", protocol.labels(target), preds)
     return pd.DataFrame(rows)
 
 
@@ -441,15 +469,20 @@ def summarise(params: Params, study: optuna.Study, target: str, folder: Path, pa
     sweep's metrics file and its MLflow parent run's metrics and files."""
     s, name = params.sweep, study.study_name
     counted_trials = counted(proposals(study), s.n_trials)
-    points = front(counted_trials)
+    on_front = {t.user_attrs["proposal"] for t in front(counted_trials)}
+    points = to_retrain(counted_trials, transfer.base_memory_bytes(), s.min_retrain)
     trials = pd.DataFrame(trial_rows(counted_trials))
     trials.to_csv(folder / "trials.csv", index=False)
     runs = retrain_pareto(params, points, target, folder, parent, name)
     runs.to_csv(folder / "pareto_runs.csv", index=False)
-    pareto = pareto_points(points, runs)
+    pareto = pareto_points(points, runs, predictions.Predictions.read(folder / "predictions.npz"), on_front)
     pareto.to_csv(folder / "pareto.csv", index=False)
-    hv = {split: hypervolume(list(zip(pareto[f"{split}_acc"], pareto.memory_pct)), s.reference_accuracy,
-                             s.reference_memory_pct) if len(pareto) else 0.0 for split in ("val", "test")}
+    # over the retrained points that are on the trials' front, val and test means over the seeds
+    fr = pareto[pareto.pareto] if len(pareto) else pareto
+    hv = {split: hypervolume(list(zip(fr[f"{split}_acc"], fr.memory_pct)), s.reference_accuracy,
+                             s.reference_memory_pct) if len(fr) else 0.0 for split in ("val", "test")}
+    hv_log = {split: log_hypervolume(list(zip(fr[f"{split}_acc"], fr.memory_pct)), s.reference_accuracy)
+              if len(fr) else 0.0 for split in ("val", "test")}
     states = trials.state.value_counts().to_dict()
     done = trials[trials.state == "COMPLETE"] if len(trials) else trials
     metrics = {
@@ -457,10 +490,14 @@ def summarise(params: Params, study: optuna.Study, target: str, folder: Path, pa
         "complete": int(states.get("COMPLETE", 0)),
         "failed": int(states.get("FAIL", 0)),  # duplicates included: proposals not trained twice
         "duplicates": int(trials.fail_reason.astype(str).str.startswith("duplicate").sum()) if len(trials) else 0,
-        "pareto_size": len(pareto),
+        "pareto_size": int(len(fr)),
+        "retrained": len(pareto),
         "seeds": len(params.seeds),
-        "hypervolume": round(hv["val"], 4),   # the number to compare sweeps by: val, never test
-        "hypervolume_test": round(hv["test"], 4),  # reported beside it, chooses nothing
+        # the number to compare sweeps by: val (never test), accuracy x decades of memory, 1-100% of base
+        "hypervolume_log_memory": round(hv_log["val"], 4),
+        "hypervolume_log_memory_test": round(hv_log["test"], 4),  # reported beside it, chooses nothing
+        "hypervolume": round(hv["val"], 4),   # linear memory % to reference_memory_pct (kept for comparison)
+        "hypervolume_test": round(hv["test"], 4),
         "reference_point": {"accuracy": s.reference_accuracy, "memory_pct": s.reference_memory_pct},
         "memory_pct_min": round(float(pareto.memory_pct.min()), 4) if len(pareto) else None,
         "memory_pct_max": round(float(pareto.memory_pct.max()), 4) if len(pareto) else None,
@@ -470,11 +507,12 @@ def summarise(params: Params, study: optuna.Study, target: str, folder: Path, pa
         "wall_time_s": round(time.perf_counter() - t0, 3),
     }
     write_json(METRICS_DIR / f"sweep_{target}.json", metrics)
-    log_to_run(params, parent, {k: metrics[k] for k in ("complete", "failed", "pareto_size", "hypervolume",
-                                                         "hypervolume_test")},
+    log_to_run(params, parent, {k: metrics[k] for k in ("complete", "failed", "pareto_size", "hypervolume_log_memory",
+                                                         "hypervolume_log_memory_test")},
                [folder / f for f in ("trials.csv", "pareto.csv", "pareto_runs.csv")])
     print(f"sweep {target} ({name}): {metrics['complete']} complete, {metrics['failed']} failed, "
-          f"Pareto set {len(pareto)} retrained on {len(params.seeds)} seeds, hypervolume (val) {hv['val']:.4f}, "
+          f"{len(pareto)} trials retrained on {len(params.seeds)} seeds ({len(fr)} on the Pareto front), "
+          f"hypervolume over log10 memory 1-100% (val) {hv_log['val']:.4f}, "
           f"{metrics['trials_hit_cap_improving']} trials stopped at the cap still improving")
     for _, r in pareto.iterrows():
         print(f"  trial {int(r.number):3d} {r.method:8s} memory {r.memory_pct:6.2f}% val {r.val_acc:.4f} "

@@ -129,6 +129,23 @@ class PruningCallback(Callback):
         self.done, self.best, self.wait, self.next_round = state["done"], state["best"], state["wait"], state["next_round"]
 
 
+class TrialPruning(Callback):
+    """Reports each epoch's val accuracy to an Optuna trial and stops training once its pruner
+    says so (`pruned_at`: that epoch, else None). Optuna's own Lightning callback lives in
+    optuna-integration, which this project does not install for one hook."""
+
+    def __init__(self, trial):
+        self.trial, self.pruned_at = trial, None
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking or "val_acc" not in trainer.callback_metrics:
+            return
+        self.trial.report(float(trainer.callback_metrics["val_acc"]), trainer.current_epoch)
+        if self.trial.should_prune():
+            self.pruned_at = trainer.current_epoch + 1
+            trainer.should_stop = True
+
+
 class _Gated:
     """Early stopping and the best-val checkpoint act only while `gate()` holds (pruned runs:
     after the last pruning round)."""

@@ -21,8 +21,8 @@ from pipeline.nn.adapter_io import save_adapter
 from pipeline.nn.adapters import TransferNet
 from pipeline.nn.checkpoint import load_base, sha256
 from pipeline.nn.export import export_packed
-from pipeline.nn.inference import accuracy
-from pipeline.nn.memory import breakdown, memory_report, storage_plan
+from pipeline.nn.inference import predict
+from pipeline.nn.memory import breakdown, memory_report, storage_plan, training_memory
 from pipeline.nn.pruning import sparsity
 from pipeline.paths import base_checkpoint, prepared
 from pipeline.train.datamodule import PreparedData
@@ -52,6 +52,7 @@ class Fitted:
     data: PreparedData       # the untouched inputs, for the final numbers
     prefix_s: float          # the frozen-prefix feature pass, part of the training time
     base_sha256: str
+    train_memory: dict[str, int]  # one training step's working memory (nn.memory.training_memory)
 
     @property
     def primary(self) -> bool:
@@ -66,6 +67,7 @@ class Record:
     row: dict[str, Any]
     curve: list[dict[str, Any]]
     primary: bool = True
+    predictions: dict[str, Any] = field(default_factory=dict)  # split -> predicted class per image
 
 
 def base_memory_bytes() -> float:
@@ -81,23 +83,25 @@ def build(params: Params, spec: RunSpec) -> tuple[TransferNet, PreparedData, flo
     net = TransferNet(base, spec.state, data.num_classes)
     k = net.frozen_prefix()
     t0 = time.perf_counter()
-    if k:  # run the frozen part once, without autograd, instead of every epoch
-        data = data.map_inputs(lambda x: net.prefix_features(x, k))
+    if k:  # run the frozen part once, without autograd, instead of every epoch; training never reads test
+        data = data.map_inputs(lambda x: net.prefix_features(x, k), ("train", "val"))
         net.start = k
     return net, data, time.perf_counter() - t0
 
 
-def fit(params: Params, spec: RunSpec, tracking: Tracking, ckpt_dir: Path) -> Fitted:
+def fit(params: Params, spec: RunSpec, tracking: Tracking, ckpt_dir: Path, callbacks: Optional[list] = None) -> Fitted:
     """Train `spec` by the one training rule, then finalise the network (permanent pruning,
-    frozen k-bit codes, fused BN). Raises TrainingDiverged when the loss went non-finite."""
+    frozen k-bit codes, fused BN). Raises TrainingDiverged when the loss went non-finite.
+    `callbacks` join the trainer's (the lr search's pruner)."""
     seed_everything(spec.seed, params)
     net, data, prefix_s = build(params, spec)
-    callbacks, gate = [], None
+    train_mem = training_memory(net, data.splits["train"][0][: spec.optim.batch_size])
+    callbacks, gate = list(callbacks or []), None
     if spec.pruned:
         p, o = spec.prune, spec.optim
         cb = PruningCallback(net.adapter_convs(), p.amount, p.rounds, p.epochs, o.max_epochs, p.scope,
                              o.patience, o.min_delta)
-        callbacks, gate = [cb], cb.selecting
+        callbacks, gate = callbacks + [cb], cb.selecting
     base_sha = sha256(base_checkpoint(spec.precision))
     result = fit_and_evaluate(
         params, net, data, spec.optim, lr=spec.lr, epochs=spec.epoch_cap, callbacks=callbacks, gate=gate,
@@ -109,29 +113,35 @@ def fit(params: Params, spec: RunSpec, tracking: Tracking, ckpt_dir: Path) -> Fi
     net.start = 0
     net.finalize()
     net.eval()
-    return Fitted(spec, net, result, PreparedData(prepared(spec.target), 1, 0, spec.seed), prefix_s, base_sha)
+    return Fitted(spec, net, result, PreparedData(prepared(spec.target), 1, 0, spec.seed), prefix_s, base_sha,
+                  train_mem)
 
 
-def measure(f: Fitted, base_bytes: float, test: bool = True) -> dict[str, Any]:
-    """The results.csv row. With test=False (sweep trials) the test split is not read."""
+def measure(f: Fitted, base_bytes: float, test: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The results.csv row and the predicted class of every image ({split: uint8 array}), from
+    which the row's accuracies are computed. With test=False (sweep trials) the test split is
+    not read."""
     net, splits = f.net, f.data.splits
+    preds = {s: predict(net, splits[s][0]).numpy().astype("uint8") for s in (("val", "test") if test else ("val",))}
+    acc = {s: float((p == splits[s][1].numpy()).mean()) for s, p in preds.items()}
     task = memory_report(net, include=net.is_task_module)
     adapter = memory_report(net, include=lambda n, m: ".adapter" in n)
     return {
         **f.spec.columns(),
         "sparsity": round(sparsity(net.adapter_convs()), 6),
-        "val_acc": accuracy(net, *splits["val"]),
-        "test_acc": accuracy(net, *splits["test"]) if test else None,
+        "val_acc": acc["val"],
+        "test_acc": acc.get("test"),
         "task_memory_bytes": task.bytes,
         "adapter_memory_bytes": adapter.bytes,
         "base_memory_bytes": base_bytes,
         "memory_ratio": task.bytes / base_bytes,
         **{f"mem_{k}_bytes": v for k, v in breakdown(storage_plan(net, include=net.is_task_module)).items()},
         **f.fit.timing_metrics(f.prefix_s),
+        **f.train_memory,
         "trainable_params": sum(p.numel() for p in net.parameters() if p.requires_grad),
         "lr": f.spec.lr,
         **f.fit.convergence(),
-    }
+    }, preds
 
 
 def save(f: Fitted, row: dict[str, Any], stem: Path) -> list[dict[str, Any]]:
@@ -162,6 +172,6 @@ def run(params: Params, spec: RunSpec, tracking: Tracking, out: Path, stem: str,
         test: bool = True) -> Record:
     """Fit, measure and save one run: files `out/stem.*`, checkpoints under `out/checkpoints/stem`."""
     f = fit(params, spec, tracking, out / "checkpoints" / stem)
-    row = measure(f, base_bytes, test)
+    row, preds = measure(f, base_bytes, test)
     curve = save(f, row, out / stem) if f.primary else []
-    return Record(row, curve, f.primary)
+    return Record(row, curve, f.primary, preds)
