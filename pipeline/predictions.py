@@ -18,19 +18,18 @@ def run_key(name: str, seed: int) -> str:
     return f"{name}/seed{seed}"
 
 
-def write(path: Path, labels: dict[str, np.ndarray], runs: dict[str, dict[str, np.ndarray]]) -> None:
-    """`runs`: run key -> {split: predicted classes}; every split's length must match its labels."""
+def write(path: Path, labels: dict[str, np.ndarray], runs: dict[str, dict[str, np.ndarray]]) -> "Predictions":
+    """`runs`: run key -> {split: predicted classes}; every split's length must match its labels.
+    Returns what it wrote."""
     arrays = {f"labels/{s}": np.asarray(y, dtype=np.uint8) for s, y in labels.items()}
     for key, preds in runs.items():
         for s, p in preds.items():
             if len(p) != len(labels[s]):
                 raise ValueError(f"predictions {key}/{s}: {len(p)} predictions for {len(labels[s])} images")
             arrays[f"{key}/{s}"] = np.asarray(p, dtype=np.uint8)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.npz")  # atomic: a killed stage leaves no half file
-    np.savez_compressed(tmp, **arrays)
-    tmp.replace(path)
+    out = Predictions(arrays)
+    out.save(path)
+    return out
 
 
 class Predictions:
@@ -49,6 +48,13 @@ class Predictions:
                         raise ValueError(f"{p}: {k} differs from another predictions file of the same target")
                     arrays[k] = z[k]
         return cls(arrays)
+
+    def save(self, path: Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp.npz")  # atomic: a killed stage leaves no half file
+        np.savez_compressed(tmp, **self.arrays)
+        tmp.replace(path)
 
     def labels(self, split: str) -> np.ndarray:
         return self.arrays[f"labels/{split}"]

@@ -26,8 +26,7 @@ def run(params: Params) -> pd.DataFrame:
         stale.unlink()
     for target in sorted(table.target.unique()):
         sweep = sweep_dir(target) / "predictions.npz"
-        merged = predictions.Predictions.read(*sorted(ROWS.glob(f"{target}__*.npz")), *([sweep] if sweep.exists() else []))
-        runs = {k: {s: merged.arrays[f"{k}/{s}"] for s in predictions.SPLITS if merged.has(k, s)} for k in merged.runs()}
-        predictions.write(PREDICTIONS_DIR / f"{target}.npz", {s: merged.labels(s) for s in predictions.SPLITS}, runs)
+        files = [*sorted(ROWS.glob(f"{target}__*.npz")), *([sweep] if sweep.exists() else [])]
+        predictions.Predictions.read(*files).save(PREDICTIONS_DIR / f"{target}.npz")
     print(f"results: {len(table)} rows from {len(files)} arms -> {OUT}, predictions -> {PREDICTIONS_DIR}/<target>.npz")
     return table

@@ -26,7 +26,7 @@ from pipeline.train.parallel import map_runs
 from pipeline.train.spec import RunSpec, from_params
 from pipeline.train.tracking import run_tags
 from pipeline.train.trainer import TrialPruning
-from pipeline.train.transfer import SUFFIXES, Record, Tracking
+from pipeline.train.transfer import SUFFIXES, Tracking
 
 
 def _tracking(spec: RunSpec, role: str) -> Tracking:
@@ -117,8 +117,7 @@ def seed_stem(params: Params, seed: int) -> str:
 
 
 def keep_files(out: Path, params: Params) -> None:
-    """Task states an earlier run left for seeds no longer asked for, and the lr search's
-    checkpoints, go."""
+    """Task states an earlier run left for seeds no longer asked for go."""
     keep = {seed_stem(params, s) for s in params.seeds}
     for stale in out.glob("*"):
         if stale.suffix in SUFFIXES and stale.stem not in keep:
@@ -152,10 +151,6 @@ def _print_arm(spec: RunSpec, final: list[dict], result: dict, searched: str) ->
           f"{searched}), {result['wall_time_s']:.0f}s")
 
 
-def _run_one(params: Params, spec: RunSpec, tracking: Tracking, out: Path, stem: str, base_bytes: float) -> Record:
-    return transfer.run(params, spec, tracking, out, stem, base_bytes)
-
-
 def procs_for(params: Params, workers: int) -> int:
     """Runs side by side only on one device: a multi-device strategy already spans the machine."""
     return workers if params.trainer.devices == 1 and params.trainer.strategy in ("auto", "single_device") else 1
@@ -177,7 +172,7 @@ def run_arm(params: Params, target: str, method: str, precision: str) -> dict[st
     spec = replace(first, lr=next(r["lr"] for r in search if r["chosen"]))
     jobs = [dict(params=params, spec=spec.with_seed(s), tracking=_tracking(spec.with_seed(s), "reported"), out=out,
                  stem=seed_stem(params, s), base_bytes=base_bytes) for s in params.seeds]
-    records = map_runs(_run_one, jobs, procs_for(params, params.transfer.workers))
+    records = map_runs(transfer.run, jobs, procs_for(params, params.transfer.workers))
     if not records[0].primary:
         return {}  # an extra process of a multi-device strategy: it trained in step; only the primary writes
     keep_files(out, params)
@@ -219,7 +214,7 @@ def retrain(params: Params, points: list[tuple[int, RunSpec]], out: Path, tracki
                                                         precision=s.precision, study=tracking["study"]),
                                                tracking["parent_run_id"], {"trial_number": number, "study": tracking["study"]})))
             numbers.append(number)
-    records = map_runs(_run_one, jobs, procs)
+    records = map_runs(transfer.run, jobs, procs)
     rows = [{"number": n, **r.row} for n, r in zip(numbers, records)]
     preds = {predictions.run_key(f"trial{n}", r.row["seed"]): r.predictions for n, r in zip(numbers, records)}
     return rows, preds

@@ -452,16 +452,15 @@ def pareto_points(points: list[FrozenTrial], runs: pd.DataFrame, preds: predicti
 
 
 def retrain_pareto(params: Params, points: list[FrozenTrial], target: str, folder: Path, parent: str,
-                   name: str) -> pd.DataFrame:
+                   name: str) -> tuple[pd.DataFrame, predictions.Predictions]:
     """The chosen trials, each retrained on every reported seed at the arms' budget
     (transfer.optim, the trial's lr), `sweep.workers` runs side by side: one row per (trial, seed),
-    the same columns as results.csv; their predictions go to predictions.npz."""
+    the same columns as results.csv, and their predictions (also written to predictions.npz)."""
     params = one_device(params)
     specs = [(t.user_attrs["proposal"], from_trial(params, target, t.params, params.seeds[0])) for t in points]
     rows, preds = protocol.retrain(params, specs, folder / "pareto", {"parent_run_id": parent, "study": name},
                                    params.sweep.workers)
-    predictions.write(folder / "predictions.npz", protocol.labels(target), preds)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows), predictions.write(folder / "predictions.npz", protocol.labels(target), preds)
 
 
 def summarise(params: Params, study: optuna.Study, target: str, folder: Path, parent: str, t0: float) -> dict:
@@ -473,9 +472,9 @@ def summarise(params: Params, study: optuna.Study, target: str, folder: Path, pa
     points = to_retrain(counted_trials, transfer.base_memory_bytes(), s.min_retrain)
     trials = pd.DataFrame(trial_rows(counted_trials))
     trials.to_csv(folder / "trials.csv", index=False)
-    runs = retrain_pareto(params, points, target, folder, parent, name)
+    runs, preds = retrain_pareto(params, points, target, folder, parent, name)
     runs.to_csv(folder / "pareto_runs.csv", index=False)
-    pareto = pareto_points(points, runs, predictions.Predictions.read(folder / "predictions.npz"), on_front)
+    pareto = pareto_points(points, runs, preds, on_front)
     pareto.to_csv(folder / "pareto.csv", index=False)
     # over the retrained points that are on the trials' front, val and test means over the seeds
     fr = pareto[pareto.pareto] if len(pareto) else pareto
