@@ -198,6 +198,13 @@ def test_mlflow_runs_read_back(project):
             "adapter_bits", "prune_amount", "seed"}
     metrics = {"val_acc", "test_acc", "task_memory_bytes", "adapter_memory_bytes", "memory_ratio",
                "train_time_s", "epoch_time_s", "time_to_95_s", "trainable_params"}
+    roles = {r.data.tags["role"] for r in by_stage["transfer"]}
+    assert roles == {"lr_search", "reported"}
     for r in by_stage["transfer"]:
         assert keys <= set(r.data.params), r.info.run_name
-        assert metrics <= set(r.data.metrics), r.info.run_name
+        if r.data.tags["role"] == "reported":
+            assert metrics <= set(r.data.metrics), r.info.run_name
+            assert r.data.params["seed"] in ("0", "1"), r.info.run_name
+        else:  # a choice: the selection seed, val only, the test split never read
+            assert r.data.params["seed"] == "100" and "val_acc" in r.data.metrics, r.info.run_name
+            assert "test_acc" not in r.data.metrics, r.info.run_name

@@ -324,8 +324,8 @@ def test_shuffled_test_labels_change_no_choice(built_project, tmp_path):
     manifest["sha256"]["test"] = sha256(folder / "test.safetensors")
     (folder / "manifest.json").write_text(json.dumps(manifest))
     # the stages by hand: dvc would restore the prepared data it has cached
-    for method, precision in (("full", "binary"), ("full", "fp32"), ("head", "binary"), ("serial", "binary"),
-                              ("parallel", "binary")):
+    for method, precision in (("full", "binary"), ("full", "fp32"), ("head", "binary"), ("bn", "binary"),
+                              ("serial", "binary"), ("parallel", "binary")):
         run_cli(["pipeline", "transfer", "--target", "mnist_5to9", "--method", method, "--precision", precision], shuffled)
     for cmd in (["sweep", "--target", "mnist_5to9"], ["results"], ["report"]):
         run_cli(["pipeline", *cmd], shuffled)

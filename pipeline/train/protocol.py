@@ -72,7 +72,7 @@ def lr_search(params: Params, base: RunSpec, out: Path) -> list[dict[str, Any]]:
     ls = params.transfer.lr_search
     if ls.fixed:
         return [{"lr": ls.start[0], "val_acc": None, "epochs": 0, "chosen": True, "state": "fixed"}]
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failed trial's traceback is not the user's line
     study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0),  # never samples: every lr is enqueued
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=ls.prune_warmup))
 
