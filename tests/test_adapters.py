@@ -794,3 +794,53 @@ def test_last_checkpoint_is_the_last_epoch_not_the_best(toy_task, vgg_base, monk
     last = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
     assert (best["epoch"], last["epoch"]) == (0, 2)
     assert sorted(f.name for f in (tmp_path / "ckpt").glob("*.ckpt")) == ["best.ckpt", "last.ckpt"]
+
+
+# ------------------------------------------------------------------------- shared frozen prefix
+
+
+class _Data:
+    """The two attributes of PreparedData that the shared-prefix path reads."""
+
+    def __init__(self, x: torch.Tensor, sha: str):
+        self.manifest, self.splits = {"sha256": {"test": sha}}, {"test": (x, torch.zeros(len(x), dtype=torch.long))}
+
+
+@pytest.mark.parametrize("method, placement", [("parallel", "last:2"), ("serial", "last:1"), ("head", "all")])
+def test_prefix_shared_prediction_is_the_whole_networks(vgg_base, method, placement):
+    """Fitted.predict (frozen prefix computed once per process, the rest per run) gives exactly the
+    predictions of the finalised network run whole, in the same batches; a second run on the same
+    base reuses the prefix, another base (other prefix weights) does not."""
+    from pipeline.nn.inference import BATCH, predict
+    from pipeline.train import transfer
+
+    x = _x(n=2 * BATCH + 37, seed=3)  # three batches, the last one partial
+    fitted = []
+    for seed, base in ((0, vgg_base), (1, vgg_base), (2, _make_base(seed=5))):
+        torch.manual_seed(seed)
+        net = TransferNet(copy.deepcopy(base), TaskSpec(method, 2, 1, placement, bits=4, head_bits=8), 5)
+        k = net.frozen_prefix()
+        assert 0 < k < len(net.base.features) or method == "head"
+        with torch.no_grad():  # trained-looking adapters and head, so predictions vary between images
+            for n, p in net.named_parameters():
+                if p.requires_grad:
+                    p.copy_(torch.randn_like(p) * 0.5)
+        net.finalize()
+        net.eval()
+        f = transfer.Fitted(None, net, None, _Data(x, "split-sha"), 0.0, "", {}, k)
+        whole = predict(net, x)
+        assert len(set(whole.tolist())) > 1
+        assert torch.equal(f.predict("test"), whole)
+        assert net.start == 0  # left as found: the packed file's network runs whole
+        fitted.append((k, transfer._PREFIX["test"][1]))
+    (k0, a), (_, b), (_, c) = fitted
+    assert b is a and c is not a  # same base: features reused; another base: recomputed
+    assert torch.equal(a, torch.cat([vgg_base_features(vgg_base, x[i: i + BATCH], k0) for i in range(0, len(x), BATCH)]))
+
+
+def vgg_base_features(base, x, k):
+    """The frozen prefix of the finalised base, run here without the cache (an independent path)."""
+    net = TransferNet(copy.deepcopy(base), TaskSpec("head", head_bits=8), 5)
+    net.finalize()
+    with torch.no_grad():
+        return net.eval().base.features[:k](x)

@@ -40,13 +40,14 @@ class PreparedData(L.LightningDataModule):
     def num_classes(self) -> int:
         return int(self.manifest["num_classes"])
 
-    def map_inputs(self, fn, splits=("train", "val", "test")) -> "PreparedData":
-        """A copy holding `splits` only, inputs fn(x) (e.g. features of a frozen prefix, computed once)."""
+    def with_inputs(self, inputs: dict[str, torch.Tensor]) -> "PreparedData":
+        """A copy holding only the splits in `inputs`, with those inputs (e.g. features of a frozen
+        prefix, computed once) and the same labels."""
         other = PreparedData.__new__(PreparedData)
         L.LightningDataModule.__init__(other)
         other.folder, other.manifest = self.folder, self.manifest
         other.batch_size, other.num_workers, other.seed = self.batch_size, self.num_workers, self.seed
-        other.splits = {k: (fn(x), y) for k, (x, y) in self.splits.items() if k in splits}
+        other.splits = {k: (x, self.splits[k][1]) for k, x in inputs.items()}
         return other
 
     def dataset(self, split: str) -> TensorDataset:

@@ -19,7 +19,6 @@ from pipeline.config import Params
 from pipeline.data.prepared import load_prepared
 from pipeline.errors import TrainingDiverged
 from pipeline.io import write_json
-from pipeline.nn.inference import accuracy
 from pipeline.paths import METRICS_DIR, RESULTS_DIR, prepared, task_dir
 from pipeline.train import transfer
 from pipeline.train.parallel import map_runs
@@ -84,7 +83,7 @@ def lr_search(params: Params, base: RunSpec, out: Path) -> list[dict[str, Any]]:
         trial.set_user_attr("epochs", f.fit.convergence()["epochs_run"])
         if pruning.pruned_at is not None:
             raise optuna.TrialPruned(f"pruned after epoch {pruning.pruned_at}")
-        return accuracy(f.net, *f.data.splits["val"])
+        return float((f.predict("val") == f.data.splits["val"][1]).float().mean())
 
     def evaluate(lr: float) -> Optional[float]:
         study.enqueue_trial({"lr": lr})
