@@ -8,18 +8,16 @@ from __future__ import annotations
 import pandas as pd
 
 from pipeline import predictions
-
 from pipeline.config import Params
 from pipeline.errors import UserError
 from pipeline.paths import PREDICTIONS_DIR, RESULTS_CSV as OUT, RESULTS_DIR as ROWS, sweep_dir
 
 
-
 def run(params: Params) -> pd.DataFrame:
-    files = sorted(ROWS.glob("*.csv"))
-    if not files:
+    arms = sorted(ROWS.glob("*.csv"))
+    if not arms:
         raise UserError(f"results: no rows in {ROWS}/; run the transfer stage first (`dvc repro transfer`)")
-    table = pd.concat([pd.read_csv(f) for f in files], ignore_index=True)
+    table = pd.concat([pd.read_csv(f) for f in arms], ignore_index=True)
     table = table.sort_values(["target", "method", "precision", "seed"], kind="stable")
     table.to_csv(OUT, index=False)
     for stale in PREDICTIONS_DIR.glob("*.npz"):  # a target no longer run leaves no file behind
@@ -28,5 +26,5 @@ def run(params: Params) -> pd.DataFrame:
         sweep = sweep_dir(target) / "predictions.npz"
         files = [*sorted(ROWS.glob(f"{target}__*.npz")), *([sweep] if sweep.exists() else [])]
         predictions.Predictions.read(*files).save(PREDICTIONS_DIR / f"{target}.npz")
-    print(f"results: {len(table)} rows from {len(files)} arms -> {OUT}, predictions -> {PREDICTIONS_DIR}/<target>.npz")
+    print(f"results: {len(table)} rows from {len(arms)} arms -> {OUT}, predictions -> {PREDICTIONS_DIR}/<target>.npz")
     return table
