@@ -30,3 +30,10 @@ def sha256(data: bytes | Path | Any, *, length: int | None = None) -> str:
         data = json.dumps(data, sort_keys=True, default=str).encode()
     digest = hashlib.sha256(data).hexdigest()
     return digest[:length] if length else digest
+
+
+def source_sha256() -> str:
+    """The pipeline package's own code (every .py file, by path and content): results kept across
+    runs in a persisted folder are reused only by the code that made them."""
+    package = Path(__file__).parent
+    return sha256({str(f.relative_to(package)): sha256(f) for f in sorted(package.rglob("*.py"))})

@@ -408,6 +408,49 @@ def test_a_killed_sweep_resumes_to_the_same_trials(timings):
     assert not study.get_trials(states=(TrialState.RUNNING,))
 
 
+def test_two_commands_sharing_a_folder_retrain_each_point_once(project, timings):
+    """Two `pipeline sweep` commands on one study and one folder (as workers on one filesystem)
+    finish their trials together and both reach the retrains: the second waits for the first and
+    reuses its runs instead of training the same (point, seed) into the same checkpoint files (that
+    race failed a scale-out CI run: one command cleared the best.ckpt the other was loading). Both
+    print the same summary, each run is trained and logged once, and the reports equal one 2-worker
+    command's."""
+    root, name = project["root"], "two-commands"
+    cmd = ["pipeline", "--params", "params_two.yaml", "sweep", "--target", TARGET, "--study-name", name, "--workers", "1"]
+    procs = [subprocess.Popen(cmd, cwd=root, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True) for _ in range(2)]
+    try:
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    assert sum("reusing its runs" in out for out in outs) == 1, outs
+    assert not any("resuming" in out for out in outs)  # no run continued from another's checkpoint
+
+    def summary(out: str) -> list[str]:  # the sweep's line and one per retrained point
+        lines = out.splitlines()
+        i = next(i for i, line in enumerate(lines) if PRINTED.match(line))
+        return lines[i:]
+    assert summary(outs[0]) == summary(outs[1])
+    reports = _reports(root)
+    for f in ("trials.csv", "pareto.csv", "pareto_runs.csv"):
+        pd.testing.assert_frame_equal(timings["two-a"]["reports"][f], reports[f], obj=f)
+    complete = _complete(_load(root, name))
+    assert sorted(t.user_attrs["proposal"] for t in complete) == [0, 1, 2, 3, 4]
+    assert len({t.system_attrs["worker_pid"] for t in complete}) == 2  # both commands trained trials
+
+    client = MlflowClient("sqlite:///" + str(root / "mlflow.db"))
+    exp = client.get_experiment_by_name("bnn-adapters")
+    retrains = client.search_runs([exp.experiment_id], max_results=1000,
+                                  filter_string=f"tags.stage = 'sweep_retrain' and tags.study = '{name}'")
+    trained = sorted((int(r.data.params["trial_number"]), int(r.data.params["seed"])) for r in retrains)
+    runs = reports["pareto_runs.csv"]
+    assert len(runs) == len(reports["pareto.csv"]) * len(project["params"]["seeds"]) > 0
+    assert trained == sorted(zip(runs.number, runs.seed))  # each (point, seed) once
+
+
 # ------------------------------------------------------------------------------ 5. failing trials, in process
 
 

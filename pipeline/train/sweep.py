@@ -29,6 +29,7 @@ from typing import Any, Optional
 
 import optuna
 import pandas as pd
+from filelock import FileLock
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState, create_trial
@@ -37,7 +38,7 @@ from sqlalchemy.exc import IntegrityError, ProgrammingError
 from pipeline import predictions
 from pipeline.config import Params
 from pipeline.errors import EnvironmentFailure, TrainingDiverged, UserError, first_line
-from pipeline.io import sha256, write_json
+from pipeline.io import sha256, source_sha256, write_json
 from pipeline.nn.memory import BREAKDOWN_COLUMNS
 from pipeline.paths import METRICS_DIR
 from pipeline.stats import crossed_ci, mean_ci
@@ -451,21 +452,44 @@ def pareto_points(points: list[FrozenTrial], runs: pd.DataFrame, preds: predicti
                                                          "test_acc_ci", "task_memory_bytes", "memory_ratio", "memory_pct"])
 
 
+RETRAINED = "retrained.json"  # what pareto_runs.csv and predictions.npz hold: study, points, seeds, code
+LOCK = ".summarise.lock"  # (in .dvcignore) commands sharing the folder summarise one at a time
+
+
 def retrain_pareto(params: Params, points: list[FrozenTrial], target: str, folder: Path, parent: str,
                    name: str) -> tuple[pd.DataFrame, predictions.Predictions]:
     """The chosen trials, each retrained on every reported seed at the arms' budget
     (transfer.optim, the trial's lr), `sweep.workers` runs side by side: one row per (trial, seed),
-    the same columns as results.csv, and their predictions (also written to predictions.npz)."""
+    the same columns as results.csv (pareto_runs.csv), and their predictions (predictions.npz).
+    Runs a command of the same study, code and seeds already retrained into `folder` (the second
+    of two commands sharing a filesystem) are read back, not trained again."""
     params = one_device(params)
     specs = [(t.user_attrs["proposal"], from_trial(params, target, t.params, params.seeds[0])) for t in points]
+    key = {"study": name, "points": [n for n, _ in specs], "seeds": list(params.seeds), "code": source_sha256()}
+    done, runs_csv, preds_npz = folder / RETRAINED, folder / "pareto_runs.csv", folder / "predictions.npz"
+    if specs and done.exists() and json.loads(done.read_text()) == key and runs_csv.exists() and preds_npz.exists():
+        print(f"sweep {target}: the {len(specs)} points were retrained by another command of this study; reusing its runs")
+        return pd.read_csv(runs_csv), predictions.Predictions.read(preds_npz)
+    done.unlink(missing_ok=True)
     rows, preds = protocol.retrain(params, specs, folder / "pareto", {"parent_run_id": parent, "study": name},
                                    params.sweep.workers)
-    return pd.DataFrame(rows), predictions.write(folder / "predictions.npz", protocol.labels(target), preds)
+    runs = pd.DataFrame(rows)
+    runs.to_csv(runs_csv, index=False)
+    written = predictions.write(preds_npz, protocol.labels(target), preds)
+    write_json(done, key)
+    return runs, written
 
 
 def summarise(params: Params, study: optuna.Study, target: str, folder: Path, parent: str, t0: float) -> dict:
     """trials.csv, the Pareto points retrained (pareto_runs.csv) and summarised (pareto.csv), the
-    sweep's metrics file and its MLflow parent run's metrics and files."""
+    sweep's metrics file and its MLflow parent run's metrics and files. Commands that share the
+    folder (workers of one study on one filesystem) finish their trials together: one at a time
+    here, or both would train the same runs into the same checkpoint files."""
+    with FileLock(folder / LOCK):
+        return _summarise(params, study, target, folder, parent, t0)
+
+
+def _summarise(params: Params, study: optuna.Study, target: str, folder: Path, parent: str, t0: float) -> dict:
     s, name = params.sweep, study.study_name
     counted_trials = counted(proposals(study), s.n_trials)
     on_front = {t.user_attrs["proposal"] for t in front(counted_trials)}
@@ -473,7 +497,6 @@ def summarise(params: Params, study: optuna.Study, target: str, folder: Path, pa
     trials = pd.DataFrame(trial_rows(counted_trials))
     trials.to_csv(folder / "trials.csv", index=False)
     runs, preds = retrain_pareto(params, points, target, folder, parent, name)
-    runs.to_csv(folder / "pareto_runs.csv", index=False)
     pareto = pareto_points(points, runs, preds, on_front)
     pareto.to_csv(folder / "pareto.csv", index=False)
     # over the retrained points that are on the trials' front, val and test means over the seeds
