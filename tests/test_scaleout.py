@@ -14,6 +14,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from conftest import BIN, make_project, run_cli, tiny_params
@@ -143,5 +144,10 @@ def test_two_workers_postgres_and_mlflow_server(postgres, mlflow_server, tmp_pat
     children = client.search_runs([exp.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent}'")
     numbers = sorted(int(r.data.params["trial_number"]) for r in children if r.data.tags["stage"] == "sweep_trial")
     assert numbers == sorted(t.user_attrs["proposal"] for t in complete)  # MLflow numbers proposals, not attempts
-    retrained = {int(r.data.params["trial_number"]) for r in children if r.data.tags["stage"] == "sweep_retrain"}
-    assert retrained and retrained <= set(numbers)  # the Pareto points, retrained under the same parent
+    retrained = [(int(r.data.params["trial_number"]), int(r.data.params["seed"]))
+                 for r in children if r.data.tags["stage"] == "sweep_retrain"]
+    assert retrained and {n for n, _ in retrained} <= set(numbers)  # the Pareto points, retrained under the same parent
+    # the two commands share the folder: one retrains each (point, seed) once, the other reuses its runs
+    runs = pd.read_csv(root / "reports/sweep/mnist_5to9/pareto_runs.csv")
+    assert sorted(retrained) == sorted(zip(runs.number, runs.seed))
+    assert sum("reusing its runs" in out for out in outs) == 1, outs
